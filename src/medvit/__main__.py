@@ -1,0 +1,3 @@
+from medvit.cli import main
+
+main()

@@ -1,0 +1,249 @@
+"""Callbacks: the run directory's records, and a freeze/unfreeze fine-tuning schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BaseFinetuning
+
+METRICS_FILE = "metrics.json"
+META_FILE = "meta.json"
+PREDICTIONS_FILE = "test_predictions.npz"
+
+
+def git_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Commit SHA and dirty flag of the repository holding ``path`` (this package by default)."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=where, capture_output=True, text=True, timeout=10, check=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_sha": sha or "unknown", "git_dirty": bool(status) if status is not None else None}
+
+
+def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith(prefix):
+            value = value.item() if isinstance(value, torch.Tensor) else value
+            out[key.removeprefix(prefix)] = float(value)
+    return dict(sorted(out.items()))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically, so a report never reads a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+class RunRecorder(L.Callback):
+    """Keeps a run directory self-describing: ``meta.json``, ``metrics.json`` and predictions.
+
+    ``metrics.json`` holds the validation metrics of the best epoch (by ``monitor``), the test
+    metrics and the best checkpoint; ``test_predictions.npz`` holds every test sample's index,
+    probabilities and target (gathered over all ranks), which reports and CV ensembles read.
+    Only global rank 0 writes.
+
+    Args:
+        monitor: validation metric that defines the best epoch.
+        mode: ``max`` or ``min``.
+        command: the command line to record; defaults to ``sys.argv``.
+    """
+
+    def __init__(
+        self, monitor: str = "val/auroc", mode: str = "max", command: list[str] | None = None
+    ):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got '{mode}'.")
+        self.monitor, self.mode = monitor, mode
+        self.command = command if command is not None else list(sys.argv)
+        self.run_dir: Path | None = None
+        self._best: float | None = None
+        self._t0 = time.time()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # trainer.log_dir is broadcast from rank 0, so every rank agrees on the folder.
+        self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._update_meta(trainer, stage=stage, started=True)
+
+    def _read(self, name: str) -> dict[str, Any]:
+        path = self.run_dir / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _update_meta(self, trainer: L.Trainer, stage: str, started: bool = False) -> None:
+        meta = self._read(META_FILE)
+        if started and "started" not in meta:
+            meta.update(
+                {
+                    "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "command": self.command,
+                    **git_info(),
+                    "host": socket.gethostname(),
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "lightning": L.__version__,
+                }
+            )
+        device = trainer.strategy.root_device
+        meta.update(
+            {
+                "device": torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else platform.processor() or device.type,
+                "accelerator": device.type,
+                "num_devices": trainer.num_devices,
+                "num_nodes": trainer.num_nodes,
+                "world_size": trainer.world_size,
+                "strategy": type(trainer.strategy).__name__,
+                "precision": str(trainer.precision),
+                "stages": sorted(set(meta.get("stages", [])) | {stage}),
+            }
+        )
+        if not started:
+            meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            meta["duration_s"] = round(meta.get("duration_s", 0.0) + time.time() - self._t0, 1)
+            self._t0 = time.time()
+        write_json(self.run_dir / META_FILE, meta)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        better = self._best is None or (
+            value > self._best if self.mode == "max" else value < self._best
+        )
+        if trainer.state.fn == "validate" or better:
+            self._best = value
+            metrics = self._read(METRICS_FILE)
+            metrics["val"] = _scalars(trainer.callback_metrics, "val/")
+            metrics["val"].pop("auroc_best", None)
+            metrics["best_epoch"] = trainer.current_epoch
+            metrics["monitor"] = self.monitor
+            write_json(self.run_dir / METRICS_FILE, metrics)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = self._read(METRICS_FILE)
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and ckpt.best_model_path:
+            metrics["best_checkpoint"] = os.path.relpath(ckpt.best_model_path, self.run_dir)
+        metrics["epochs_trained"] = trainer.current_epoch
+        write_json(self.run_dir / METRICS_FILE, metrics)
+        self._update_meta(trainer, stage="fit")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = self._read(METRICS_FILE)
+        metrics["test"] = _scalars(trainer.callback_metrics, "test/")
+        ckpt = trainer.ckpt_path
+        if ckpt and Path(ckpt).resolve().is_relative_to(self.run_dir.resolve()):
+            ckpt = os.path.relpath(ckpt, self.run_dir)
+        metrics["test_checkpoint"] = ckpt
+        write_json(self.run_dir / METRICS_FILE, metrics)
+        preds = getattr(pl_module, "test_predictions", None)
+        if preds is not None:
+            names = pl_module.hparams.get("class_names") or [
+                str(i) for i in range(preds["probs"].shape[1])
+            ]
+            np.savez(
+                self.run_dir / PREDICTIONS_FILE,
+                class_names=np.array(names),
+                task=np.array(pl_module.hparams.get("task", "")),
+                **preds,
+            )
+        self._update_meta(trainer, stage="test")
+
+
+class ViTFinetuning(BaseFinetuning):
+    """Train only the head for ``unfreeze_at_epoch`` epochs, then the whole ViT.
+
+    Args:
+        unfreeze_at_epoch: epoch at which the backbone joins training.
+        backbone_lr_ratio: backbone learning rate as a fraction of the head's current rate when
+            it is unfrozen (a gentle start protects pretrained features).
+    """
+
+    def __init__(self, unfreeze_at_epoch: int = 1, backbone_lr_ratio: float = 0.1) -> None:
+        super().__init__()
+        if unfreeze_at_epoch < 0:
+            raise ValueError(f"unfreeze_at_epoch must be >= 0, got {unfreeze_at_epoch}.")
+        if not 0 < backbone_lr_ratio <= 1:
+            raise ValueError(f"backbone_lr_ratio must lie in (0, 1], got {backbone_lr_ratio}.")
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+        self.backbone_lr_ratio = backbone_lr_ratio
+
+    @staticmethod
+    def _backbone(pl_module: L.LightningModule) -> list[torch.nn.Module]:
+        net = getattr(pl_module.net, "_orig_mod", pl_module.net)
+        head = net.get_classifier()
+        return [m for m in net.children() if m is not head]
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        if self.unfreeze_at_epoch > 0:
+            self.freeze(self._backbone(pl_module))
+
+    def finetune_function(
+        self, pl_module: L.LightningModule, current_epoch: int, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if current_epoch != self.unfreeze_at_epoch or self.unfreeze_at_epoch == 0:
+            return
+        n_groups = len(optimizer.param_groups)
+        self.unfreeze_and_add_param_group(
+            self._backbone(pl_module),
+            optimizer,
+            initial_denom_lr=1.0 / self.backbone_lr_ratio,
+            train_bn=True,
+        )
+        # A fixed sin-cos position embedding must stay frozen after the unfreeze.
+        if pl_module.hparams.get("pos_embed") == "sincos":
+            net = getattr(pl_module.net, "_orig_mod", pl_module.net)
+            net.pos_embed.requires_grad_(False)
+        # torch schedulers zip base_lrs with param_groups: without this the new groups would be
+        # silently left out of the warm-up/cosine schedule.
+        for config in pl_module.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if sched.optimizer is optimizer and hasattr(sched, "base_lrs"):
+                for group in optimizer.param_groups[n_groups:]:
+                    group.setdefault("initial_lr", group["lr"])
+                    sched.base_lrs.append(group["initial_lr"])
+                if hasattr(sched, "lr_lambdas"):
+                    sched.lr_lambdas.extend(
+                        [sched.lr_lambdas[0]]
+                        * (len(optimizer.param_groups) - len(sched.lr_lambdas))
+                    )

@@ -1,0 +1,453 @@
+"""LightningDataModule for every 2D MedMNIST v2 / MedMNIST+ set, with the official splits."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info
+from medmnist import INFO
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from medvit.data.files import (
+    SPLITS,
+    DataFileError,
+    download,
+    extract_npz,
+    file_name,
+    mmap_dir_for,
+    open_arrays,
+    verify_md5,
+)
+from medvit.data.transforms import build_transforms, preset_for_flag
+
+SIZES = (28, 64, 128, 224)
+TASKS = {
+    "binary-class": "binary",
+    "multi-class": "multiclass",
+    "multi-label, binary-class": "multilabel",
+    "ordinal-regression": "ordinal",
+}
+FLAGS_2D = tuple(flag for flag in INFO if not flag.endswith("3d"))
+
+
+def default_root() -> str:
+    """Where MedMNIST files live unless ``--data.root`` says otherwise."""
+    return os.environ.get("MEDVIT_DATA_DIR", "data")
+
+
+class MedMNISTSplit(Dataset):
+    """Images and labels of one or more (split, indices) sources of a memory-mapped MedMNIST set.
+
+    Items are ``(image, target, index)``, where ``index`` is the item's position in this dataset
+    (for an official split, its index in that split), so predictions can be matched back.
+    The arrays are opened lazily in each process: a pickled memmap would copy the whole split.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        sources: Sequence[tuple[str, np.ndarray]],
+        transform: Any,
+        multilabel: bool,
+    ) -> None:
+        self.folder = Path(folder)
+        self.transform = transform
+        self.multilabel = multilabel
+        self._split_of = np.concatenate(
+            [np.full(len(idx), SPLITS.index(split), dtype=np.int8) for split, idx in sources]
+        )
+        self._index_of = np.concatenate([np.asarray(idx, dtype=np.int64) for _, idx in sources])
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self._index_of)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arrays"] = None
+        return state
+
+    def _array(self, key: str) -> np.ndarray:
+        if self._arrays is None:
+            self._arrays = {
+                k: np.load(self.folder / f"{k}.npy", mmap_mode="r", allow_pickle=False)
+                for s in SPLITS
+                for k in (f"{s}_images", f"{s}_labels")
+            }
+        return self._arrays[key]
+
+    def labels(self) -> np.ndarray:
+        """All labels in dataset order, shape (N, 1) or (N, L) for multi-label."""
+        out = []
+        for split in SPLITS:
+            mask = self._split_of == SPLITS.index(split)
+            if mask.any():
+                out.append(np.asarray(self._array(f"{split}_labels")[self._index_of[mask]]))
+        return np.concatenate(out) if out else np.empty((0, 1), dtype=np.int64)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        # Training samplers pass (index, augmentation seed): a sample's augmentation then depends
+        # only on (seed, epoch, index), not on the worker or rank that happens to load it.
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            self.transform.set_random_state(seed)
+        split = SPLITS[self._split_of[i]]
+        j = int(self._index_of[i])
+        image = np.asarray(self._array(f"{split}_images")[j])
+        label = np.asarray(self._array(f"{split}_labels")[j])
+        if self.multilabel:
+            target = torch.from_numpy(label.astype(np.float32))
+        else:
+            target = torch.tensor(int(label.reshape(-1)[0]), dtype=torch.long)
+        return self.transform(image), target, i
+
+
+class SeededDistributedSampler(DistributedSampler):
+    """Shuffling sampler yielding ``(index, augmentation_seed)``, identical on 1 or N ranks.
+
+    With one rank it visits the same permutation as N ranks together, so a global batch holds
+    the same samples whatever the device count; each sample's augmentation seed is a function
+    of (seed, epoch, index). Together these make a DDP run reproduce a single-device run.
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in super().__iter__():
+            mixed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+            yield index, int(mixed)
+
+
+class MedMNISTDataModule(L.LightningDataModule):
+    """A 2D MedMNIST dataset with its official train/val/test splits.
+
+    Metadata (task, class names, channels, split sizes, URLs, MD5) comes from ``medmnist.INFO``.
+    Files are ``{root}/{flag}.npz`` (28 px) or ``{root}/{flag}_{size}.npz``; they are downloaded
+    only in :meth:`prepare_data`, MD5-checked, and unpacked once into memory-mappable ``.npy``
+    files under ``cache_dir``. Model selection uses the validation split; the test split is only
+    read by ``test`` and ``predict``.
+
+    Args:
+        flag: MedMNIST flag, e.g. ``"breastmnist"`` (2D sets only).
+        size: image size of the file to use: 28, 64, 128 or 224.
+        root: folder holding (or receiving) the ``.npz`` files. Defaults to the
+            ``MEDVIT_DATA_DIR`` environment variable, else ``data``.
+        global_batch_size: batch size summed over all devices; each device gets
+            ``global_batch_size // world_size`` and the division must be exact, so a run keeps
+            the same optimisation (and learning rate) on 1 or N devices.
+        num_workers: DataLoader worker processes per device.
+        in_chans: channels fed to the model; ``None`` keeps the dataset's (1 or 3). Grey sets
+            can be fed as 3 channels for RGB-pretrained models.
+        img_size: side length fed to the model; ``None`` keeps ``size``.
+        augmentation: augmentation preset; ``None`` picks the flag's modality preset.
+        mean: normalisation mean per channel (or one value); ``None`` means 0.5, unless the
+            CLI fills it from the model's pretrained data config.
+        std: normalisation std, as ``mean``.
+        download: download a missing file in :meth:`prepare_data`.
+        verify_md5: refuse a file whose MD5 differs from the official one. Turn off only for
+            a file of your own in the MedMNIST format (split sizes are then not checked).
+        cache_dir: where unpacked ``.npy`` copies live; defaults to ``{root}/mmap`` when
+            ``root`` is writable, else ``data/mmap``.
+        base_url: fetch files from this URL prefix (a mirror) instead of the official URL.
+        folds_file: a ``folds.csv`` from ``medvit cv``; with ``fold`` it replaces the official
+            train/val split by the CV split of the pool (the test split stays official).
+        fold: which fold of ``folds_file`` is the validation fold.
+        repeat: which repeat of ``folds_file`` to use.
+        pin_memory: pin host memory in the DataLoaders (useful on GPU).
+    """
+
+    def __init__(
+        self,
+        flag: str = "breastmnist",
+        size: int = 28,
+        root: str | None = None,
+        global_batch_size: int = 64,
+        num_workers: int = 2,
+        in_chans: int | None = None,
+        img_size: int | None = None,
+        augmentation: str | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        download: bool = True,
+        verify_md5: bool = True,
+        cache_dir: str | None = None,
+        base_url: str | None = None,
+        folds_file: str | None = None,
+        fold: int | None = None,
+        repeat: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if flag not in INFO:
+            raise ValueError(f"Unknown MedMNIST flag '{flag}'. Known 2D flags: {list(FLAGS_2D)}.")
+        if flag not in FLAGS_2D:
+            raise ValueError(
+                f"'{flag}' is a 3D MedMNIST set; MedMNISTDataModule handles the 2D sets "
+                f"{list(FLAGS_2D)}."
+            )
+        if size not in SIZES:
+            raise ValueError(f"size must be one of {SIZES}, got {size}.")
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        info = INFO[flag]
+        if in_chans not in (None, 1, 3):
+            raise ValueError(f"in_chans must be 1, 3 or None, got {in_chans}.")
+        if in_chans == 1 and info["n_channels"] == 3:
+            raise ValueError(f"{flag} images are RGB; in_chans=1 would drop colour. Use 3.")
+        if (folds_file is None) != (fold is None):
+            raise ValueError("folds_file and fold go together: give both or neither.")
+        self.save_hyperparameters(logger=False)
+        self.info = info
+        self.root = Path(root if root is not None else default_root())
+        self.batch_size_per_device = global_batch_size
+        self.data_train: MedMNISTSplit | None = None
+        self.data_val: MedMNISTSplit | None = None
+        self.data_test: MedMNISTSplit | None = None
+        self._folder: Path | None = None
+
+    # ----------------------------------------------------------------- metadata for the model
+    @property
+    def task(self) -> str:
+        """One of ``binary``, ``multiclass``, ``multilabel``, ``ordinal``."""
+        return TASKS[self.info["task"]]
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class (or, for multi-label sets, label) names in index order."""
+        labels = self.info["label"]
+        return [labels[str(i)] for i in range(len(labels))]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.info["label"])
+
+    @property
+    def in_chans(self) -> int:
+        return self.hparams.in_chans or self.info["n_channels"]
+
+    @property
+    def img_size(self) -> int:
+        return self.hparams.img_size or self.hparams.size
+
+    @property
+    def path(self) -> Path:
+        """The ``.npz`` file this module reads."""
+        return self.root / file_name(self.hparams.flag, self.hparams.size)
+
+    @property
+    def url(self) -> str:
+        suffix = "" if self.hparams.size == 28 else f"_{self.hparams.size}"
+        if self.hparams.base_url:
+            return f"{self.hparams.base_url.rstrip('/')}/{self.path.name}"
+        return self.info[f"url{suffix}"]
+
+    @property
+    def md5(self) -> str:
+        suffix = "" if self.hparams.size == 28 else f"_{self.hparams.size}"
+        return self.info[f"MD5{suffix}"]
+
+    def _cache_root(self) -> Path:
+        if self.hparams.cache_dir:
+            return Path(self.hparams.cache_dir)
+        if os.access(self.root, os.W_OK):
+            return self.root / "mmap"
+        return Path("data") / "mmap"
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def prepare_data(self) -> None:
+        """Download (rank 0 only), check the MD5 and unpack into memory-mappable files."""
+        path = self.path
+        if not path.is_file():
+            if not self.hparams.download:
+                raise DataFileError(
+                    f"{path} does not exist and download is off. Get it from {self.url} "
+                    f"and put it at {path}, or point --data.root (or MEDVIT_DATA_DIR) at its folder."
+                )
+            rank_zero_info(f"Downloading {self.url} -> {path}")
+            download(self.url, path, self.md5 if self.hparams.verify_md5 else None)
+        elif self.hparams.verify_md5:
+            verify_md5(path, self.md5, self._cache_root())
+        self._unpack()
+
+    def _unpack(self) -> Path:
+        path = self.path
+        if not path.is_file():
+            raise DataFileError(
+                f"{path} does not exist. Run prepare_data() (the Trainer does) or get it from "
+                f"{self.url} and put it at {path}."
+            )
+        folder = extract_npz(path, mmap_dir_for(path, self._cache_root()))
+        self._validate(open_arrays(folder, path))
+        return folder
+
+    def _validate(self, arrays: dict[str, np.ndarray]) -> None:
+        """Refuse a file whose shapes, dtypes or labels do not fit this flag, naming the key."""
+        path, flag, size = self.path, self.hparams.flag, self.hparams.size
+        channels = self.info["n_channels"]
+        expected_img = (size, size) if channels == 1 else (size, size, 3)
+        n_labels = self.num_classes if self.task == "multilabel" else 1
+        for split in SPLITS:
+            images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+            key = f"{split}_images"
+            if images.dtype != np.uint8 or images.shape[1:] != expected_img:
+                raise DataFileError(
+                    f"{path}: '{key}' has shape {images.shape} and dtype {images.dtype}; "
+                    f"{flag} at size {size} needs (N, {', '.join(map(str, expected_img))}) uint8."
+                )
+            key = f"{split}_labels"
+            if labels.ndim != 2 or labels.shape != (len(images), n_labels):
+                raise DataFileError(
+                    f"{path}: '{key}' has shape {labels.shape}; expected ({len(images)}, "
+                    f"{n_labels}) to match '{split}_images'."
+                )
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise DataFileError(f"{path}: '{key}' has dtype {labels.dtype}; expected integers.")
+            lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+            top = 1 if self.task == "multilabel" else self.num_classes - 1
+            if lo < 0 or hi > top:
+                raise DataFileError(
+                    f"{path}: '{key}' holds values in [{lo}, {hi}]; {flag} labels must lie in "
+                    f"[0, {top}] ({self.task} task)."
+                )
+            official = self.info["n_samples"][split]
+            if self.hparams.verify_md5 and len(images) != official:
+                raise DataFileError(
+                    f"{path}: '{split}' has {len(images)} samples; the official split has {official}."
+                )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the split datasets (every rank) and the per-device batch size."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.hparams.global_batch_size % world != 0:
+            raise ValueError(
+                f"global_batch_size ({self.hparams.global_batch_size}) is not divisible by the "
+                f"number of devices ({world}); pick a multiple of {world}."
+            )
+        self.batch_size_per_device = self.hparams.global_batch_size // world
+        if self._folder is None:
+            self._folder = self._unpack()
+        multilabel = self.task == "multilabel"
+        mean = self.hparams.mean or [0.5]
+        std = self.hparams.std or [0.5]
+        preset = self.hparams.augmentation or preset_for_flag(self.hparams.flag)
+
+        def make(train: bool):
+            return build_transforms(
+                preset, self.img_size, train=train, in_chans=self.in_chans, mean=mean, std=std
+            )
+
+        n = {split: self.info["n_samples"][split] for split in SPLITS}
+        if not self.hparams.verify_md5:
+            arrays = open_arrays(self._folder, self.path)
+            n = {split: len(arrays[f"{split}_labels"]) for split in SPLITS}
+        if stage in (None, "fit", "validate") and self.data_train is None:
+            train_src, val_src = self._fit_sources(n)
+            self.data_train = MedMNISTSplit(self._folder, train_src, make(True), multilabel)
+            self.data_val = MedMNISTSplit(self._folder, val_src, make(False), multilabel)
+        if stage in (None, "test", "predict") and self.data_test is None:
+            test_src = [("test", np.arange(n["test"]))]
+            self.data_test = MedMNISTSplit(self._folder, test_src, make(False), multilabel)
+
+    def _fit_sources(self, n: dict[str, int]) -> tuple[list, list]:
+        if self.hparams.folds_file is None:
+            return [("train", np.arange(n["train"]))], [("val", np.arange(n["val"]))]
+        rows = read_folds(self.hparams.folds_file, repeat=self.hparams.repeat)
+        if self.hparams.fold not in rows["fold"]:
+            raise ValueError(
+                f"{self.hparams.folds_file} has no fold {self.hparams.fold} in repeat "
+                f"{self.hparams.repeat} (folds: {sorted(set(rows['fold'].tolist()))})."
+            )
+        for split in ("train", "val"):
+            idx = rows["index"][rows["split"] == split]
+            if len(idx) and (idx.min() < 0 or idx.max() >= n[split]):
+                raise ValueError(
+                    f"{self.hparams.folds_file} refers to {split} index {idx.max()}, but the "
+                    f"{split} split has {n[split]} samples: it was made for another dataset."
+                )
+        in_val = rows["fold"] == self.hparams.fold
+
+        def sources(mask: np.ndarray) -> list:
+            return [
+                (split, rows["index"][mask & (rows["split"] == split)])
+                for split in ("train", "val")
+            ]
+
+        return sources(~in_val), sources(in_val)
+
+    def class_counts(self, stage: str = "train") -> np.ndarray:
+        """Samples per class (or positives per label) in a split; after :meth:`setup`."""
+        data = {"train": self.data_train, "val": self.data_val, "test": self.data_test}[stage]
+        if data is None:
+            raise RuntimeError(f"call setup() before class_counts('{stage}')")
+        labels = data.labels()
+        if self.task == "multilabel":
+            return labels.sum(0)
+        return np.bincount(labels.reshape(-1), minlength=self.num_classes)
+
+    # ---------------------------------------------------------------------------- dataloaders
+    def _loader(self, data: Dataset, train: bool) -> DataLoader:
+        world, rank = 1, 0
+        if self.trainer is not None:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+        if train:
+            # Lightning seeds it from seed_everything and calls set_epoch() every epoch.
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            sampler: Sampler = SeededDistributedSampler(
+                data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+            )
+        else:
+            # Lightning's default DistributedSampler pads the last batch by repeating samples,
+            # which would count them twice in validation/test metrics (torchmetrics #1297).
+            sampler = UnrepeatedDistributedSampler(
+                data, num_replicas=world, rank=rank, shuffle=False
+            )
+        workers = self.hparams.num_workers
+        return DataLoader(
+            data,
+            batch_size=self.batch_size_per_device,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=workers > 0,
+            drop_last=train and len(data) > self.batch_size_per_device,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.data_train, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.data_val, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.data_test, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.data_test, train=False)
+
+
+def read_folds(path: str | os.PathLike, repeat: int = 0) -> dict[str, np.ndarray]:
+    """Rows of a ``folds.csv`` (columns ``split,index,repeat,fold``) for one repeat."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"folds file {path} does not exist.")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        need = {"split", "index", "repeat", "fold"}
+        if not need <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path} needs the columns {sorted(need)}, has {reader.fieldnames}.")
+        rows = [r for r in reader if int(r["repeat"]) == repeat]
+    if not rows:
+        raise ValueError(f"{path} has no rows for repeat {repeat}.")
+    return {
+        "split": np.array([r["split"] for r in rows]),
+        "index": np.array([int(r["index"]) for r in rows], dtype=np.int64),
+        "fold": np.array([int(r["fold"]) for r in rows], dtype=np.int64),
+    }

@@ -1,0 +1,270 @@
+"""The LightningModule: a timm ViT with a task-aware loss, optimiser, schedule and metrics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.aggregation import CatMetric
+
+from medvit.models.metrics import TASKS, build_metrics
+from medvit.models.vit import create_vit
+
+
+class ViTClassifier(L.LightningModule):
+    """Fine-tune or train a timm Vision Transformer for medical image classification.
+
+    ``num_classes``, ``in_chans``, ``img_size``, ``task`` and ``class_names`` normally come from
+    the DataModule (the CLI links them).
+
+    Args:
+        num_classes: classes, or labels for a multi-label task.
+        in_chans: input channels (1 or 3).
+        img_size: input side length in pixels.
+        task: ``binary``, ``multiclass``, ``multilabel`` or ``ordinal``. Binary uses two logits
+            with softmax; multi-label uses one sigmoid per label.
+        class_names: names written next to predicted probabilities.
+        model_name: any timm ViT, e.g. ``vit_tiny_patch16_224`` or
+            ``vit_small_patch16_224.augreg_in21k`` (a pretrained tag).
+        patch_size: patch side in pixels; ``None`` keeps the model's.
+        pos_embed: ``learn`` (timm default) or ``sincos`` (fixed 2D sin-cos).
+        pretrained: ``False``, ``True`` (timm/hub weights of ``model_name``, needs internet) or
+            a local ``.safetensors``/``.pth`` file. Position embeddings, patch embedding and
+            input channels are adapted and the head is replaced when sizes differ.
+        drop_rate: dropout before the head.
+        drop_path_rate: stochastic depth rate.
+        lr: peak learning rate for the global batch (it does not change with the device count,
+            because the DataModule's batch size is global too).
+        weight_decay: AdamW weight decay; norms, biases, position embeddings and the class token
+            get none.
+        layer_decay: layer-wise learning-rate decay (e.g. 0.75 for fine-tuning); ``None`` is off.
+        warmup_epochs: linear warm-up length before the cosine decay (fractions allowed).
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        label_smoothing: cross-entropy label smoothing (single-label tasks).
+        class_weights: ``None``, ``"balanced"`` (inverse training frequency) or one weight per
+            class; for multi-label tasks these are BCE ``pos_weight`` values.
+        fused_optimizer: fused AdamW kernel; ``None`` uses it on CUDA only.
+        compile: wrap the network in ``torch.compile`` (helps on GPU, not on CPU).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        in_chans: int = 1,
+        img_size: int = 28,
+        task: str = "binary",
+        class_names: list[str] | None = None,
+        model_name: str = "vit_tiny_patch16_224",
+        patch_size: int | None = 4,
+        pos_embed: str = "learn",
+        pretrained: bool | str = False,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        layer_decay: float | None = None,
+        warmup_epochs: float = 2.0,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.0,
+        class_weights: str | list[float] | None = None,
+        fused_optimizer: bool | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got '{task}'.")
+        if task == "binary" and num_classes != 2:
+            raise ValueError(f"A binary task has num_classes=2 (two logits), got {num_classes}.")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}.")
+        if layer_decay is not None and not 0 < layer_decay <= 1:
+            raise ValueError(f"layer_decay must lie in (0, 1], got {layer_decay}.")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names for {num_classes} classes.")
+        if isinstance(class_weights, str) and class_weights != "balanced":
+            raise ValueError(
+                f"class_weights must be 'balanced', a list or None, got '{class_weights}'."
+            )
+        if isinstance(class_weights, list) and len(class_weights) != num_classes:
+            raise ValueError(f"{len(class_weights)} class_weights for {num_classes} classes.")
+        self.save_hyperparameters()
+        self.net = create_vit(
+            model_name,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            img_size=img_size,
+            patch_size=patch_size,
+            pos_embed=pos_embed,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+            pretrained=pretrained,
+        )
+        weights = class_weights if isinstance(class_weights, list) else None
+        self.register_buffer(
+            "class_weights",
+            torch.tensor(weights, dtype=torch.float32) if weights is not None else None,
+            persistent=False,
+        )
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_metrics = build_metrics(task, num_classes, prefix="val/")
+        self.test_metrics = build_metrics(task, num_classes, prefix="test/")
+        self.val_auroc_best = MaxMetric()
+        # Test predictions gathered across ranks by torchmetrics, for reports and CV ensembles.
+        self.test_index, self.test_probs, self.test_target = CatMetric(), CatMetric(), CatMetric()
+        self.test_predictions: dict[str, np.ndarray] | None = None
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, shape (B, num_classes)."""
+        return self.net(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logit features, shape (B, D); for distillation and embeddings."""
+        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-class probabilities (B, C): softmax, or sigmoid per label for multi-label."""
+        if self.hparams.task == "multilabel":
+            return logits.sigmoid()
+        return logits.softmax(dim=1)
+
+    def _metric_input(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs[:, 1] if self.hparams.task == "binary" else probs
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (single-label) or BCE-with-logits (multi-label)."""
+        if self.hparams.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(
+                logits, target.float(), pos_weight=self.class_weights
+            )
+        return F.cross_entropy(
+            logits,
+            target,
+            weight=self.class_weights,
+            label_smoothing=self.hparams.label_smoothing,
+        )
+
+    # ---------------------------------------------------------------------------- lifecycle
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.class_weights == "balanced":
+            datamodule = self.trainer.datamodule
+            counts = datamodule.class_counts("train").astype(np.float64)
+            if self.hparams.task == "multilabel":
+                # BCE pos_weight: negatives per positive, per label.
+                weights = (len(datamodule.data_train) - counts) / np.maximum(counts, 1)
+            else:
+                weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
+            self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        if self.hparams.compile and stage == "fit":
+            self.net = torch.compile(self.net)
+
+    def on_train_start(self) -> None:
+        # The sanity check ran validation on a few batches; its values must not count as "best".
+        self.val_loss.reset()
+        self.val_metrics.reset()
+        self.val_auroc_best.reset()
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        x, y, _ = batch
+        loss = self.loss(self(x), y)
+        self.train_loss(loss)
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
+        x, y, _ = batch
+        logits = self(x)
+        self.val_loss.update(self.loss(logits, y), weight=len(y))
+        self.val_metrics.update(self._metric_input(self.probabilities(logits)), y)
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() syncs the states across ranks; per-step sync_dist logging would instead hang
+        # when ranks hold different numbers of (unpadded) batches.
+        values = self.val_metrics.compute()
+        values["val/loss"] = self.val_loss.compute()
+        self.val_auroc_best.update(values["val/auroc"])
+        values["val/auroc_best"] = self.val_auroc_best.compute()
+        auroc = values.pop("val/auroc")
+        self.log("val/auroc", auroc, prog_bar=True)
+        self.log_dict(values)
+        self.val_metrics.reset()
+        self.val_loss.reset()
+
+    def on_test_epoch_start(self) -> None:
+        for metric in (self.test_index, self.test_probs, self.test_target):
+            metric.reset()
+        self.test_predictions = None
+
+    def test_step(self, batch: tuple, batch_idx: int) -> None:
+        x, y, index = batch
+        logits = self(x)
+        probs = self.probabilities(logits)
+        self.test_loss.update(self.loss(logits, y), weight=len(y))
+        self.test_metrics.update(self._metric_input(probs), y)
+        self.test_index.update(index)
+        self.test_probs.update(probs.float())
+        self.test_target.update(y)
+
+    def on_test_epoch_end(self) -> None:
+        values = self.test_metrics.compute()
+        values["test/loss"] = self.test_loss.compute()
+        self.log_dict(values)
+        self.test_metrics.reset()
+        self.test_loss.reset()
+        index = self.test_index.compute().long().cpu().numpy()
+        order = np.argsort(index, kind="stable")
+        self.test_predictions = {
+            "index": index[order],
+            "probs": self.test_probs.compute().cpu().numpy()[order],
+            "target": self.test_target.compute().cpu().numpy()[order],
+        }
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, _, index = batch
+        return {"probs": self.probabilities(self(x)).float(), "index": index}
+
+    # ---------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        fused = hp.fused_optimizer if hp.fused_optimizer is not None else self.device.type == "cuda"
+        net = getattr(self.net, "_orig_mod", self.net)  # param names of a compiled net
+        optimizer = create_optimizer_v2(
+            net,
+            opt="adamw",
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            layer_decay=hp.layer_decay,
+            **({"fused": True} if fused else {}),
+        )
+        for group in optimizer.param_groups:
+            # timm stores layer decay as lr_scale for its own schedulers; torch's need it in lr.
+            group["lr"] = hp.lr * group.get("lr_scale", 1.0)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = min(total - 1, int(round(hp.warmup_epochs * total / epochs)))
+        schedule = warmup_cosine(warmup, total, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,402 @@
+"""Vision Transformer construction on top of timm, with fixed sin-cos position embeddings.
+
+Everything architectural comes from ``timm.create_model``; this module validates the
+arguments up front (with messages that say what to change), optionally swaps the learned
+position embedding for a fixed 2D sin-cos table, and routes local weight files through timm's
+own pretrained loader so that position-embedding resampling, patch-embedding resampling,
+input-channel adaptation and classifier replacement all happen exactly as timm does them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import VisionTransformer
+
+__all__ = ["POS_EMBEDS", "create_vit", "sincos_2d_pos_embed", "uses_fused_attention"]
+
+_logger = logging.getLogger(__name__)
+
+POS_EMBEDS = ("learn", "sincos")
+
+
+def sincos_2d_pos_embed(
+    grid_size: tuple[int, int], dim: int, temperature: float = 10000.0
+) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding, shape (H*W, dim), row-major over the patch grid.
+
+    Each axis uses the classic 1D transformer encoding with ``d = dim / 2`` channels:
+    ``PE(pos, 2i) = sin(pos / T^(2i/d))`` and ``PE(pos, 2i+1) = cos(pos / T^(2i/d))``.
+    Channels ``[0, dim/2)`` encode the row (y) index and ``[dim/2, dim)`` the column (x) index.
+
+    Args:
+        grid_size: Patch grid as (H, W) = (rows, columns).
+        dim: Embedding width; must be divisible by 4 (two axes, each a sin/cos pair).
+        temperature: The base ``T`` of the frequency progression.
+
+    Returns:
+        A float32 tensor of shape (H*W, dim); row ``r * W + c`` belongs to patch (r, c).
+
+    Raises:
+        ValueError: If ``dim`` is not a positive multiple of 4 or the grid is not positive.
+    """
+    if dim <= 0 or dim % 4 != 0:
+        raise ValueError(
+            f"sin-cos position embedding needs an embedding dim divisible by 4 "
+            f"(half per axis, split into sin/cos pairs), got {dim}."
+        )
+    height, width = (int(s) for s in grid_size)
+    if height < 1 or width < 1:
+        raise ValueError(f"grid_size must be positive, got {tuple(grid_size)}.")
+    axis_dim = dim // 2
+    # float64 so large positions / small frequencies keep full float32 accuracy after the cast.
+    exponent = torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim  # 2i / d
+    inv_freq = temperature**-exponent  # (d/2,)
+
+    def encode(length: int) -> torch.Tensor:
+        angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq  # (L, d/2)
+        # stack+reshape interleaves so that channel 2i is sin and 2i+1 is cos of the same angle
+        return torch.stack((angles.sin(), angles.cos()), dim=-1).reshape(length, axis_dim)  # (L, d)
+
+    emb_y = encode(height)[:, None, :].expand(height, width, axis_dim)  # (H, W, d)
+    emb_x = encode(width)[None, :, :].expand(height, width, axis_dim)  # (H, W, d)
+    pos = torch.cat((emb_y, emb_x), dim=-1).reshape(height * width, dim)  # (H*W, dim)
+    return pos.to(torch.float32)
+
+
+def uses_fused_attention(model: torch.nn.Module) -> bool:
+    """True if every attention layer in ``model`` runs F.scaled_dot_product_attention."""
+    flags = [
+        m.fused_attn for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)
+    ]
+    return bool(flags) and all(flags)
+
+
+def create_vit(
+    model_name: str = "vit_tiny_patch16_224",
+    *,
+    num_classes: int,
+    in_chans: int = 3,
+    img_size: int = 224,
+    patch_size: int | None = None,
+    pos_embed: str = "learn",
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    pretrained: bool | str | os.PathLike[str] = False,
+    **timm_kwargs: Any,
+) -> VisionTransformer:
+    """Build a timm Vision Transformer for ``img_size`` inputs with ``in_chans`` channels.
+
+    Args:
+        model_name: A timm model name from the VisionTransformer family, optionally with a
+            pretrained tag (``vit_small_patch16_224.augreg_in21k``).
+        num_classes: Outputs of the classification head (>= 1).
+        in_chans: Input image channels (>= 1).
+        img_size: Square input side in pixels; must be divisible by the patch size.
+        patch_size: Patch side in pixels; ``None`` keeps the model's own.
+        pos_embed: ``"learn"`` keeps timm's learned absolute embedding; ``"sincos"`` replaces it
+            with a fixed 2D sin-cos table (prefix-token slots zero) that is not trained.
+        drop_rate: Dropout before the classifier head, in [0, 1).
+        drop_path_rate: Stochastic-depth rate of the last block, in [0, 1).
+        pretrained: ``False`` for random init, ``True`` for timm's default hub weights of
+            ``model_name`` (needs network), or a path to a local ``.safetensors``/``.pth``/``.bin``
+            state dict (optionally wrapped under ``state_dict``/``model``). Local files go
+            through timm's loader, which resamples position and patch embeddings to this grid
+            and patch size, adapts input channels (3 -> 1 sums the kernel) and replaces a
+            classifier whose size differs from ``num_classes`` (one of equal size is kept).
+        **timm_kwargs: Passed unchanged to ``timm.create_model`` (e.g. ``global_pool="avg"``).
+
+    Returns:
+        The model, with fused scaled-dot-product attention enabled as timm configures it.
+
+    Raises:
+        ValueError: For an unknown or non-ViT model, an invalid argument, an image size that
+            the patch size does not divide, or a weight file that cannot fit the architecture.
+        FileNotFoundError: If ``pretrained`` names a file that does not exist.
+    """
+    _check_args(num_classes, in_chans, img_size, patch_size, pos_embed, drop_rate, drop_path_rate)
+    weights_file = _resolve_weights_file(pretrained)
+    _check_model_name(model_name)
+
+    build_kwargs: dict[str, Any] = dict(
+        timm_kwargs,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        img_size=img_size,
+        drop_rate=drop_rate,
+        drop_path_rate=drop_path_rate,
+    )
+    if patch_size is not None:
+        build_kwargs["patch_size"] = patch_size
+
+    # A meta-device build allocates no storage, so the architecture (ViT family, patch grid,
+    # embed dim) is validated before paying for real weights or reading a weight file.
+    skeleton = _build_skeleton(model_name, build_kwargs)
+    _check_patch_grid(skeleton, img_size)
+    if pos_embed == "sincos":
+        _check_sincos_fits(model_name, skeleton)
+
+    if weights_file is None:
+        model = timm.create_model(model_name, pretrained=bool(pretrained), **build_kwargs)
+    else:
+        overlay = dict(
+            _checkpoint_cfg(weights_file, skeleton),
+            **(build_kwargs.pop("pretrained_cfg_overlay", None) or {}),
+            file=str(weights_file),
+        )
+        try:
+            model = timm.create_model(
+                model_name, pretrained=True, pretrained_cfg_overlay=overlay, **build_kwargs
+            )
+        except Exception as err:
+            drops_head = num_classes != overlay["num_classes"]
+            raise ValueError(
+                _describe_load_failure(weights_file, model_name, skeleton, drops_head, err)
+            ) from err
+        _logger.info("Loaded %s weights from %s", model_name, weights_file)
+
+    if pos_embed == "sincos":
+        _set_sincos_pos_embed(model)
+    if not uses_fused_attention(model):
+        warnings.warn(
+            "timm built attention without F.scaled_dot_product_attention (TIMM_FUSED_ATTN=0 or "
+            "exportable layer config?); training will be slower and use more memory.",
+            stacklevel=2,
+        )
+    return model
+
+
+def _check_args(
+    num_classes: int,
+    in_chans: int,
+    img_size: int,
+    patch_size: int | None,
+    pos_embed: str,
+    drop_rate: float,
+    drop_path_rate: float,
+) -> None:
+    """Reject argument values timm would accept silently or fail on obscurely."""
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}.")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}.")
+    if img_size < 1:
+        raise ValueError(f"img_size must be >= 1, got {img_size}.")
+    if patch_size is not None and patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1 or None, got {patch_size}.")
+    for name, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {rate}.")
+
+
+def _resolve_weights_file(pretrained: bool | str | os.PathLike[str]) -> Path | None:
+    """Return the local weight file named by ``pretrained``, or None for True/False."""
+    if isinstance(pretrained, bool):
+        return None
+    if not isinstance(pretrained, (str, os.PathLike)):
+        raise ValueError(
+            f"pretrained must be True, False or a path to a weight file, got {pretrained!r}."
+        )
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Pretrained weight file not found: {str(path)!r}.")
+    return path
+
+
+def _check_model_name(model_name: str) -> None:
+    """Fail with suggestions when timm's registry does not know ``model_name``."""
+    source, model_id = timm.models.parse_model_name(model_name)
+    if source is not None:
+        return  # hf-hub: / local-dir: names are resolved by timm itself
+    arch, _ = timm.models.split_model_name_tag(model_id)
+    if timm.is_model(arch):
+        return
+    close = difflib.get_close_matches(arch, timm.list_models("*vit*"), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"Unknown timm model {model_name!r}.{hint} List ViTs with timm.list_models('*vit*')."
+    )
+
+
+def _build_skeleton(model_name: str, build_kwargs: dict[str, Any]) -> VisionTransformer:
+    """Build ``model_name`` on the meta device and make sure it is a timm VisionTransformer."""
+    not_vit = (
+        f"{model_name!r} is not a timm VisionTransformer; create_vit supports the "
+        f"VisionTransformer family (vit_*, deit_*, vit hybrids), e.g. 'vit_tiny_patch16_224'."
+    )
+    try:
+        with torch.device("meta"):
+            skeleton = timm.create_model(model_name, **build_kwargs)
+    except Exception:
+        # Non-ViT constructors often reject ViT-only kwargs (img_size, patch_size); tell the
+        # caller the real problem instead of a TypeError about a keyword.
+        with torch.device("meta"):
+            bare = timm.create_model(model_name)
+        if not isinstance(bare, VisionTransformer):
+            raise ValueError(f"{not_vit} Got {type(bare).__name__}.") from None
+        raise
+    if not isinstance(skeleton, VisionTransformer):
+        raise ValueError(f"{not_vit} Got {type(skeleton).__name__}.")
+    return skeleton
+
+
+def _check_patch_grid(skeleton: VisionTransformer, img_size: int) -> None:
+    """Require that patches tile the image exactly (timm would crop the remainder silently)."""
+    embed = skeleton.patch_embed
+    if hasattr(embed, "backbone"):
+        # Hybrid embeddings reduce by the CNN stem's stride times their own patch size.
+        stride, what = tuple(embed.feat_ratio(as_scalar=False)), "total stride (CNN stem x patch)"
+    else:
+        stride, what = tuple(embed.patch_size), "patch size"
+    if any(img_size % s for s in stride):
+        grid = "x".join(str(img_size // s) for s in stride)
+        size = stride[0] if stride[0] == stride[1] else "x".join(map(str, stride))
+        raise ValueError(
+            f"img_size {img_size} is not divisible by the {what} {size}: the patch grid "
+            f"would be {grid} and the last {img_size % stride[0]} pixel row(s)/column(s) would "
+            f"be dropped. Pick a patch size that divides {img_size} or resize the images."
+        )
+
+
+def _check_sincos_fits(model_name: str, skeleton: VisionTransformer) -> None:
+    """Make sure a sin-cos table can replace this model's position embedding."""
+    if skeleton.pos_embed is None:
+        raise ValueError(
+            f"{model_name!r} has no absolute position embedding to replace with sincos."
+        )
+    if skeleton.embed_dim % 4 != 0:
+        raise ValueError(
+            f"pos_embed='sincos' needs an embed dim divisible by 4; {model_name!r} has "
+            f"{skeleton.embed_dim}."
+        )
+
+
+def _set_sincos_pos_embed(model: VisionTransformer) -> None:
+    """Overwrite ``model.pos_embed`` with the fixed sin-cos table and freeze it."""
+    grid = tuple(model.patch_embed.grid_size)
+    # With no_embed_class the prefix tokens (cls/registers) carry no position slot at all.
+    num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    table = sincos_2d_pos_embed(grid, model.embed_dim)  # (H*W, D)
+    expected = (1, num_prefix + table.shape[0], model.embed_dim)
+    if tuple(model.pos_embed.shape) != expected:
+        raise ValueError(
+            f"Unexpected pos_embed shape {tuple(model.pos_embed.shape)} for grid {grid} with "
+            f"{num_prefix} prefix slot(s); expected {expected}."
+        )
+    with torch.no_grad():
+        model.pos_embed.zero_()
+        model.pos_embed[0, num_prefix:] = table.to(model.pos_embed)
+    # Kept as an nn.Parameter (not a buffer) so state-dict keys match timm's and the learned variant.
+    model.pos_embed.requires_grad_(False)
+
+
+def _cfg_names(cfg: dict[str, Any], key: str) -> tuple[str, ...]:
+    """Module names stored under ``key`` in a timm pretrained cfg (a str or a sequence)."""
+    names = cfg.get(key) or ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _checkpoint_cfg(weights_file: Path, skeleton: VisionTransformer) -> dict[str, Any]:
+    """Pretrained-cfg entries describing the file itself: classifier size and input channels.
+
+    timm decides whether to drop the classifier and how to adapt input channels by comparing
+    the target with the *registry* cfg (1000 classes, 3 channels for ImageNet tags). A local
+    file, e.g. from an earlier 9-class 1-channel run, would lose its matching head and fail the
+    channel adaptation, so timm is told what the file actually holds.
+    """
+    try:
+        state_dict = timm.models.load_state_dict(str(weights_file))
+    except Exception as err:
+        raise ValueError(
+            f"Cannot read weights from {str(weights_file)!r}: not a state dict timm can load "
+            f"({type(err).__name__}: {err})."
+        ) from err
+    cfg = skeleton.pretrained_cfg
+    heads = [
+        state_dict[f"{name}.weight"]
+        for name in _cfg_names(cfg, "classifier")
+        if f"{name}.weight" in state_dict
+    ]
+    # No classifier in the file (e.g. a num_classes=0 backbone): 0 makes timm load non-strictly.
+    source = {"num_classes": int(heads[0].shape[0]) if heads else 0}
+    for name in _cfg_names(cfg, "first_conv"):
+        weight = state_dict.get(f"{name}.weight")
+        if weight is not None and weight.ndim == 4:
+            # (C, H, W): keep the registry's H, W, timm infers the source patch grid from them
+            source["input_size"] = (int(weight.shape[1]), *cfg["input_size"][1:])
+            break
+    return source
+
+
+def _describe_load_failure(
+    weights_file: Path,
+    model_name: str,
+    skeleton: VisionTransformer,
+    drops_head: bool,
+    err: Exception,
+) -> str:
+    """Explain why timm could not load ``weights_file``, naming the first mismatching key.
+
+    Replays timm's load on the meta skeleton: the same state-dict reader and the model's own
+    checkpoint filter (position/patch embedding resampling), then compares shapes, allowing
+    the two adaptations timm applies afterwards (input channels, dropped classifier).
+    """
+    intro = f"Cannot load weights from {str(weights_file)!r} into {model_name!r}"
+    state_dict = timm.models.load_state_dict(str(weights_file))  # readable: checked before
+    filter_fn = getattr(
+        sys.modules.get(_model_module(model_name, skeleton)), "checkpoint_filter_fn", None
+    )
+    if filter_fn is not None:
+        try:
+            state_dict = filter_fn(state_dict, skeleton)
+        except Exception as filter_err:
+            return f"{intro}: timm could not adapt it ({type(filter_err).__name__}: {filter_err})."
+
+    cfg = skeleton.pretrained_cfg
+    classifiers = _cfg_names(cfg, "classifier")
+    first_convs = {f"{name}.weight" for name in _cfg_names(cfg, "first_conv")}
+    expected = skeleton.state_dict()
+    # Model order, not file order: safetensors sorts keys, and the first layer is the clearest hint.
+    for key, param in expected.items():
+        value = state_dict.get(key)
+        if not hasattr(value, "shape") or (drops_head and key.rsplit(".", 1)[0] in classifiers):
+            continue
+        got, want = tuple(value.shape), tuple(param.shape)
+        if key in first_convs and len(got) == len(want) == 4:
+            # timm adapts input channels after filtering; only compare the other dims
+            got, want = got[:1] + got[2:], want[:1] + want[2:]
+        if got != want:
+            return (
+                f"{intro}: first mismatching key {key!r} has shape {tuple(value.shape)} in the "
+                f"file (after timm's resampling) but {tuple(param.shape)} in the model. "
+                f"Was the file saved from a different architecture?"
+            )
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if drops_head:
+        missing = [k for k in missing if k.rsplit(".", 1)[0] not in classifiers]
+    if missing or unexpected:
+        return (
+            f"{intro}: keys do not match (missing from file: {missing[:5]}, "
+            f"unexpected in file: {unexpected[:5]})."
+        )
+    return f"{intro}: {type(err).__name__}: {err}"
+
+
+def _model_module(model_name: str, skeleton: VisionTransformer) -> str:
+    """Module that registers ``model_name`` (its checkpoint filter lives there, e.g. deit)."""
+    source, model_id = timm.models.parse_model_name(model_name)
+    if source is None:
+        arch = timm.models.split_model_name_tag(model_id)[0]
+        return timm.models.model_entrypoint(arch).__module__
+    return type(skeleton).__module__

@@ -1,0 +1,206 @@
+"""Weights & Biases: medvit's logger (privacy switches, offline checkpoints) and test-time media."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import yaml
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from medvit import plots
+
+# Config keys whose string values are file-system paths (the CLI config and the data hparams).
+PATH_KEYS = frozenset(
+    {"root", "cache_dir", "folds_file", "dir", "default_root_dir", "dirpath", "ckpt_path", "save_dir", "pretrained"}
+)
+REDACTED = "<path not logged>"
+
+
+def redact_paths(config: Any, key: str | None = None) -> Any:
+    """A copy of ``config`` with the values of path keys (``data.root``, ``run.dir``...) redacted.
+
+    Folder names can carry patient or site identifiers, so paths stay on the machine unless the
+    logger is created with ``log_paths=True``. Booleans (``pretrained: false``) are kept.
+    """
+    if isinstance(config, Mapping):
+        return {k: redact_paths(v, str(k)) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [redact_paths(v, key) for v in config]
+    if key in PATH_KEYS and isinstance(config, (str, os.PathLike)) and str(config):
+        return REDACTED
+    return config
+
+
+class MedViTWandbLogger(WandbLogger):
+    """``WandbLogger`` with medvit's switches.
+
+    Differences from Lightning's logger: the hyper-parameters are the run's whole resolved CLI
+    config (``config.yaml`` in the run folder, when it exists) plus the model/data hparams, with
+    paths redacted; and ``log_model`` also works offline (the checkpoint artifact is stored in the
+    offline run and uploaded by ``wandb sync``), where Lightning refuses it.
+
+    Args:
+        log_predictions: allow :class:`WandbTestMedia` to log thumbnails of misclassified test
+            images (identified only by split and index).
+        log_paths: log file-system paths in the config (off: they are replaced by a marker).
+        **kwargs: passed to :class:`lightning.pytorch.loggers.WandbLogger`.
+    """
+
+    def __init__(self, log_predictions: bool = False, log_paths: bool = False, **kwargs: Any) -> None:
+        log_model = kwargs.get("log_model", False)
+        if kwargs.get("offline") and log_model:
+            # Lightning rejects this pair although wandb stores artifacts offline for a later sync.
+            kwargs["log_model"] = False
+        super().__init__(**kwargs)
+        self._log_model = log_model
+        self.log_predictions = log_predictions
+        self.log_paths = log_paths
+
+    def _resolved_config(self) -> dict[str, Any]:
+        path = Path(self.save_dir or ".") / "config.yaml"
+        if not path.is_file():
+            return {}
+        with open(path) as fh:
+            config = yaml.safe_load(fh)
+        return config if isinstance(config, dict) else {}
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        """Log the resolved CLI config (nested) and the model/data hparams (flat), paths redacted."""
+        params = dict(vars(params) if not isinstance(params, Mapping) else params)
+        params.update(self._resolved_config())
+        if not self.log_paths:
+            params = redact_paths(params)
+        super().log_hyperparams(params)
+
+
+def _wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+def _thumbnail(image: Any, mean: Any, std: Any) -> np.ndarray:
+    """A dataset image (C, H, W), normalised, back to uint8 (H, W) or (H, W, 3)."""
+    x = np.asarray(image, dtype=np.float32)
+    c = x.shape[0]
+    m = np.broadcast_to(np.asarray(mean if mean else [0.5], np.float32).reshape(-1, 1, 1), (c, 1, 1))
+    s = np.broadcast_to(np.asarray(std if std else [0.5], np.float32).reshape(-1, 1, 1), (c, 1, 1))
+    x = x * s + m
+    if x.min() < -0.05 or x.max() > 1.05:
+        # Unknown normalisation: stretch to the full range rather than clip to black/white.
+        x = (x - x.min()) / max(float(x.max() - x.min()), 1e-6)
+    x = (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+    return x[0] if c == 1 else np.moveaxis(x, 0, -1)
+
+
+class WandbTestMedia(L.Callback):
+    """After ``trainer.test``, log plots of the test predictions to every wandb logger.
+
+    Keys: ``test/confusion_matrix`` and ``test/confusion_matrix_normalized`` (images),
+    ``test/roc``, ``test/pr``, ``test/reliability`` (images of the :mod:`medvit.plots` figures)
+    and, for single-label tasks, ``test/confusion_matrix_table`` (wandb's interactive confusion
+    matrix). When a logger has ``log_predictions`` set, also ``test/misclassified``: a table
+    with columns split, index, thumbnail, label, prediction, probabilities. Runs on global
+    rank 0 only, and does nothing without a ``WandbLogger``.
+
+    Args:
+        max_images: at most this many misclassified images in the table (lowest indices first).
+        dpi: resolution of the plot images.
+    """
+
+    def __init__(self, max_images: int = 100, dpi: int = 100) -> None:
+        if max_images < 0:
+            raise ValueError(f"max_images must be >= 0, got {max_images}.")
+        self.max_images = max_images
+        self.dpi = dpi
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loggers = _wandb_loggers(trainer)
+        if not trainer.is_global_zero or not loggers or getattr(pl_module, "test_predictions", None) is None:
+            return
+        import wandb
+
+        preds = plots.Predictions.from_module(pl_module)
+        media = self.media(preds)
+        if preds.task != "multilabel":
+            media["test/confusion_matrix_table"] = wandb.plot.confusion_matrix(
+                y_true=preds.target.tolist(),
+                preds=preds.predicted.tolist(),
+                class_names=preds.class_names,
+                title="Test confusion matrix",
+            )
+        table = None
+        if any(getattr(lg, "log_predictions", False) for lg in loggers):
+            table = self.misclassified_table(trainer, preds)
+        for logger in loggers:
+            row = dict(media)
+            if table is not None and getattr(logger, "log_predictions", False):
+                row["test/misclassified"] = table
+            row["trainer/global_step"] = trainer.global_step
+            logger.experiment.log(row)
+
+    def media(self, preds: plots.Predictions) -> dict[str, Any]:
+        """The plot images as ``wandb.Image`` by key."""
+        import wandb
+        from PIL import Image
+
+        figures = {
+            "test/confusion_matrix": plots.confusion_figure(preds),
+            "test/confusion_matrix_normalized": plots.confusion_figure(preds, normalize="true"),
+            "test/roc": plots.roc_figure(preds),
+            "test/pr": plots.pr_figure(preds),
+            "test/reliability": plots.reliability_figure(preds),
+        }
+        out = {}
+        for key, fig in figures.items():
+            image = Image.open(io.BytesIO(plots.figure_to_png(fig, dpi=self.dpi)))
+            out[key] = wandb.Image(image.convert("RGB"), caption=key.split("/")[-1])
+        return out
+
+    def misclassified_table(self, trainer: L.Trainer, preds: plots.Predictions) -> Any:
+        """``wandb.Table`` of misclassified test images, identified only by split and index."""
+        import wandb
+
+        loader = trainer.test_dataloaders
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None:
+            raise ValueError("log_predictions needs trainer.test_dataloaders with a dataset.")
+        hparams = getattr(trainer.datamodule, "hparams", {}) if trainer.datamodule is not None else {}
+        mean, std = hparams.get("mean"), hparams.get("std")
+        predicted = preds.predicted
+        if preds.task == "multilabel":
+            wrong = np.flatnonzero((predicted != preds.target).any(axis=1))
+        else:
+            wrong = np.flatnonzero(predicted != preds.target)
+        names = preds.class_names
+
+        def describe(value: np.ndarray | int) -> str:
+            if preds.task == "multilabel":
+                return "; ".join(n for n, v in zip(names, np.ravel(value), strict=True) if v) or "(none)"
+            return names[int(value)]
+
+        table = wandb.Table(
+            columns=["split", "index", "thumbnail", "label", "prediction", "probabilities"]
+        )
+        for row in wrong[: self.max_images]:
+            index = int(preds.index[row])
+            image = dataset[index][0]
+            probs = {n: round(float(p), 4) for n, p in zip(names, preds.probs[row], strict=True)}
+            table.add_data(
+                "test",
+                index,
+                wandb.Image(_thumbnail(image, mean, std)),
+                describe(preds.target[row]),
+                describe(predicted[row]),
+                json.dumps(probs),
+            )
+        return table

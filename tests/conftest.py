@@ -1,0 +1,78 @@
+"""Shared fixtures: synthetic MedMNIST-format files and the real files CI provides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from medmnist import INFO
+
+# Two cores are shared by the test process, DataLoader workers and DDP ranks.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+
+REAL_DATA_ENV = "MEDVIT_TEST_DATA"
+
+
+def make_medmnist_npz(
+    path: Path,
+    flag: str,
+    size: int = 28,
+    n: tuple[int, int, int] = (40, 12, 16),
+    seed: int = 0,
+    learnable: bool = True,
+) -> Path:
+    """Write a small file in the official MedMNIST format (keys, dtypes, label layout).
+
+    With ``learnable``, each class gets a distinct bright square so a model can fit it.
+    """
+    info = INFO[flag]
+    rng = np.random.default_rng(seed)
+    n_classes = len(info["label"])
+    multilabel = info["task"].startswith("multi-label")
+    shape = (size, size) if info["n_channels"] == 1 else (size, size, 3)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n, strict=True):
+        if multilabel:
+            labels = (rng.random((count, n_classes)) < 0.3).astype(np.uint8)
+        else:
+            labels = (np.arange(count) % n_classes).reshape(-1, 1).astype(np.uint8)
+            rng.shuffle(labels)
+        images = rng.integers(0, 60, size=(count, *shape), dtype=np.uint8)
+        if learnable:
+            cell = max(2, size // max(4, n_classes))
+            for i in range(count):
+                active = np.flatnonzero(labels[i]) if multilabel else labels[i]
+                for c in active:
+                    r, q = divmod(int(c), max(1, size // cell))
+                    images[i, r * cell : (r + 1) * cell, q * cell : (q + 1) * cell] = 255
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+@pytest.fixture
+def synthetic_root(tmp_path: Path):
+    """Factory: ``synthetic_root(flag, size=28, **kw)`` -> folder holding ``{flag}[_size].npz``."""
+
+    def make(flag: str, size: int = 28, **kwargs) -> Path:
+        name = f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+        make_medmnist_npz(tmp_path / "medmnist" / name, flag, size, **kwargs)
+        return tmp_path / "medmnist"
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """Folder of the official MedMNIST files (set by .ci/run); tests skip without it."""
+    root = os.environ.get(REAL_DATA_ENV)
+    if not root or not (Path(root) / "breastmnist.npz").is_file():
+        pytest.skip(f"{REAL_DATA_ENV} does not point at a folder with breastmnist.npz")
+    return Path(root)

@@ -1,0 +1,295 @@
+"""MedMNISTDataModule: formats of every task, errors on bad files, download, memory mapping."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import pickle
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_medmnist_npz
+
+from medvit.data.files import DataFileError, md5sum
+from medvit.data.medmnist import FLAGS_2D, MedMNISTDataModule
+
+CASES = [
+    # flag, size, task, classes, channels
+    ("breastmnist", 28, "binary", 2, 1),
+    ("dermamnist", 28, "multiclass", 7, 3),
+    ("chestmnist", 28, "multilabel", 14, 1),
+    ("retinamnist", 28, "ordinal", 5, 3),
+    ("pathmnist", 64, "multiclass", 9, 3),
+    ("organamnist", 128, "multiclass", 11, 1),
+    ("bloodmnist", 224, "multiclass", 8, 3),
+]
+
+
+def module(root: Path, flag: str, size: int = 28, **kwargs) -> MedMNISTDataModule:
+    kwargs.setdefault("verify_md5", False)
+    kwargs.setdefault("num_workers", 0)
+    kwargs.setdefault("global_batch_size", 8)
+    return MedMNISTDataModule(
+        flag=flag, size=size, root=str(root), cache_dir=str(root / "cache"), **kwargs
+    )
+
+
+@pytest.mark.parametrize(("flag", "size", "task", "classes", "channels"), CASES)
+def test_every_task_and_channel_count(synthetic_root, flag, size, task, classes, channels):
+    n = (10, 4, 6) if size >= 128 else (24, 8, 10)
+    root = synthetic_root(flag, size, n=n)
+    dm = module(root, flag, size)
+    assert (dm.task, dm.num_classes, dm.in_chans, dm.img_size) == (task, classes, channels, size)
+    assert len(dm.class_names) == classes
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.data_test is None, "fit must not open the test split"
+    assert (len(dm.data_train), len(dm.data_val)) == n[:2]
+    x, y, index = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, channels, size, size) and x.dtype == torch.float32
+    assert torch.isfinite(x).all() and x.min() >= -1.01 and x.max() <= 1.01
+    if task == "multilabel":
+        assert y.shape == (8, classes) and y.dtype == torch.float32
+        assert set(y.unique().tolist()) <= {0.0, 1.0}
+    else:
+        assert y.shape == (8,) and y.dtype == torch.long
+        assert y.min() >= 0 and y.max() < classes
+    dm.setup("test")
+    x, y, index = next(iter(dm.test_dataloader()))
+    assert index.tolist() == list(range(len(index))), "test items keep their split order"
+
+
+def test_grey_images_fed_as_three_channels(synthetic_root):
+    root = synthetic_root("pneumoniamnist")
+    dm = module(root, "pneumoniamnist", in_chans=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    x, _, _ = next(iter(dm.val_dataloader()))
+    assert x.shape[1] == 3
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+
+
+def test_rgb_cannot_be_fed_as_one_channel(tmp_path):
+    with pytest.raises(ValueError, match="RGB"):
+        MedMNISTDataModule(flag="dermamnist", root=str(tmp_path), in_chans=1)
+
+
+def test_resize_to_model_size(synthetic_root):
+    root = synthetic_root("breastmnist")
+    dm = module(root, "breastmnist", img_size=64)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert next(iter(dm.val_dataloader()))[0].shape[-2:] == (64, 64)
+
+
+def test_unknown_and_3d_flags_and_sizes(tmp_path):
+    with pytest.raises(ValueError, match="Known 2D flags"):
+        MedMNISTDataModule(flag="breastmnis", root=str(tmp_path))
+    with pytest.raises(ValueError, match="3D"):
+        MedMNISTDataModule(flag="adrenalmnist3d", root=str(tmp_path))
+    with pytest.raises(ValueError, match="size must be one of"):
+        MedMNISTDataModule(flag="breastmnist", size=32, root=str(tmp_path))
+    assert len(FLAGS_2D) == 12
+
+
+def test_global_batch_must_divide_world_size(synthetic_root):
+    root = synthetic_root("breastmnist")
+    dm = module(root, "breastmnist", global_batch_size=10)
+
+    class FakeTrainer:
+        world_size = 4
+
+    dm.trainer = FakeTrainer()
+    dm.prepare_data()
+    with pytest.raises(ValueError, match="not divisible by the number of devices"):
+        dm.setup("fit")
+    FakeTrainer.world_size = 2
+    dm.setup("fit")
+    assert dm.batch_size_per_device == 5
+
+
+def test_missing_file_without_download_names_file_and_url(tmp_path):
+    dm = MedMNISTDataModule(flag="breastmnist", root=str(tmp_path), download=False)
+    with pytest.raises(DataFileError) as err:
+        dm.prepare_data()
+    message = str(err.value)
+    assert str(tmp_path / "breastmnist.npz") in message
+    assert "zenodo.org" in message and "MEDVIT_DATA_DIR" in message
+
+
+def test_unreachable_server_fails_fast_with_where_to_put_file(tmp_path):
+    # Port 9 on loopback: nothing listens, the connection is refused at once.
+    dm = MedMNISTDataModule(flag="breastmnist", root=str(tmp_path), base_url="http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(DataFileError) as err:
+        dm.prepare_data()
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert "http://127.0.0.1:9/breastmnist.npz" in message
+    assert str(tmp_path / "breastmnist.npz") in message
+    assert not (tmp_path / "breastmnist.npz").exists() and not list(tmp_path.glob("*.part"))
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serve a folder on 127.0.0.1; yields (folder, base_url)."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_from_local_server_without_md5(http_server, tmp_path):
+    served, url = http_server
+    make_medmnist_npz(served / "dermamnist.npz", "dermamnist")
+    dm = module(tmp_path / "root", "dermamnist", base_url=url)
+    dm.prepare_data()
+    assert md5sum(tmp_path / "root" / "dermamnist.npz") == md5sum(served / "dermamnist.npz")
+    dm.setup("fit")
+    assert len(dm.data_train) == 40
+
+
+def test_download_with_wrong_md5_is_discarded(http_server, tmp_path):
+    served, url = http_server
+    make_medmnist_npz(served / "breastmnist.npz", "breastmnist")
+    dm = MedMNISTDataModule(flag="breastmnist", root=str(tmp_path / "root"), base_url=url)
+    with pytest.raises(DataFileError, match="expected 750601b1f35ba3300ea97c75c52ff8f6"):
+        dm.prepare_data()
+    assert not (tmp_path / "root" / "breastmnist.npz").exists()
+
+
+def test_download_of_official_file_is_md5_checked(http_server, real_data, tmp_path):
+    served, url = http_server
+    (served / "breastmnist.npz").write_bytes((real_data / "breastmnist.npz").read_bytes())
+    dm = MedMNISTDataModule(
+        flag="breastmnist", root=str(tmp_path / "root"), base_url=url, num_workers=0
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm.data_train), len(dm.data_val)) == (546, 78)
+
+
+def test_existing_file_with_wrong_md5_is_refused(synthetic_root):
+    root = synthetic_root("breastmnist")
+    dm = module(root, "breastmnist", verify_md5=True)
+    with pytest.raises(DataFileError, match="MD5 .* but the official MedMNIST file has"):
+        dm.prepare_data()
+
+
+def _rewrite(path: Path, **changes) -> None:
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    for key, value in changes.items():
+        if value is None:
+            arrays.pop(key)
+        else:
+            arrays[key] = value
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"val_labels": None}, r"lacks the key\(s\) \['val_labels'\]"),
+        (
+            {"train_images": np.zeros((40, 28, 28, 3), np.uint8)},
+            r"'train_images' has shape \(40, 28, 28, 3\)",
+        ),
+        ({"test_images": np.zeros((16, 28, 28), np.float32)}, r"'test_images' .* dtype float32"),
+        ({"val_labels": np.zeros((12,), np.uint8)}, r"'val_labels' has shape \(12,\)"),
+        (
+            {"train_labels": np.full((40, 1), 7, np.uint8)},
+            r"'train_labels' holds values in \[7, 7\]",
+        ),
+    ],
+)
+def test_bad_files_are_refused_naming_the_key(synthetic_root, change, match):
+    root = synthetic_root("breastmnist")
+    _rewrite(root / "breastmnist.npz", **change)
+    dm = module(root, "breastmnist")
+    with pytest.raises(DataFileError, match=match):
+        dm.prepare_data()
+
+
+def test_not_a_zip_is_refused(tmp_path):
+    (tmp_path / "breastmnist.npz").write_bytes(b"not a zip file")
+    dm = module(tmp_path, "breastmnist")
+    with pytest.raises(DataFileError, match="not a readable .npz"):
+        dm.prepare_data()
+
+
+def test_arrays_are_memory_mapped_and_not_pickled(synthetic_root):
+    root = synthetic_root("pathmnist", 64, n=(64, 8, 8))
+    dm = module(root, "pathmnist", 64)
+    dm.prepare_data()
+    dm.setup("fit")
+    data = dm.data_train
+    data[0]
+    assert isinstance(data._array("train_images"), np.memmap)
+    # A worker receives paths, not the split: the pickle stays tiny next to 64 * 64*64*3 bytes.
+    assert len(pickle.dumps(data)) < data._array("train_images").nbytes / 20
+
+
+def test_replaced_file_is_unpacked_again(synthetic_root):
+    root = synthetic_root("breastmnist", n=(20, 4, 4))
+    dm = module(root, "breastmnist")
+    dm.prepare_data()
+    time.sleep(0.01)
+    make_medmnist_npz(root / "breastmnist.npz", "breastmnist", n=(30, 4, 4))
+    dm = module(root, "breastmnist")
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.data_train) == 30
+
+
+def test_folds_file_replaces_train_val_and_keeps_test(synthetic_root, tmp_path):
+    root = synthetic_root("breastmnist", n=(20, 6, 8))
+    folds = tmp_path / "folds.csv"
+    rows = ["split,index,repeat,fold"]
+    rows += [f"train,{i},0,{i % 2}" for i in range(20)] + [f"val,{i},0,{i % 2}" for i in range(6)]
+    folds.write_text("\n".join(rows) + "\n")
+    dm = module(root, "breastmnist", folds_file=str(folds), fold=1)
+    dm.prepare_data()
+    dm.setup()
+    assert (len(dm.data_train), len(dm.data_val), len(dm.data_test)) == (13, 13, 8)
+    train = {
+        (int(s), int(i))
+        for s, i in zip(dm.data_train._split_of, dm.data_train._index_of, strict=True)
+    }
+    val = {
+        (int(s), int(i)) for s, i in zip(dm.data_val._split_of, dm.data_val._index_of, strict=True)
+    }
+    assert not train & val and len(train | val) == 26
+    with pytest.raises(ValueError, match="no fold 5"):
+        module(root, "breastmnist", folds_file=str(folds), fold=5).setup("fit")
+
+
+def test_class_counts(synthetic_root):
+    root = synthetic_root("dermamnist", n=(21, 7, 7))
+    dm = module(root, "dermamnist")
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.class_counts("train").tolist() == [3] * 7
+
+
+def test_real_breastmnist_official_splits(real_data, tmp_path):
+    dm = MedMNISTDataModule(
+        flag="breastmnist", root=str(real_data), cache_dir=str(tmp_path), num_workers=0
+    )
+    dm.prepare_data()  # MD5 check of the official file
+    dm.setup()
+    assert (len(dm.data_train), len(dm.data_val), len(dm.data_test)) == (546, 78, 156)
+    assert dm.class_counts("test").tolist() == [42, 114]
+    with zipfile.ZipFile(real_data / "breastmnist.npz") as zf:
+        assert "train_images.npy" in zf.namelist()
