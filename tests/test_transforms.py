@@ -151,6 +151,16 @@ def test_same_seed_same_stream(preset):
     assert all(torch.equal(x, c(im)) for x, im in zip(outs_a, imgs, strict=True))
 
 
+def test_per_sample_seed_fixes_output_whatever_the_order():
+    # The data module re-seeds before every sample: the output must depend on the seed only.
+    img = _image("rgb")
+    t = build_transforms("dermoscopy", 28, True, in_chans=3, seed=0)
+    forward = {s: t.set_random_state(s)(img) for s in (1, 2, 3, 2**40)}
+    backward = {s: t.set_random_state(s)(img) for s in (2**40, 3, 2, 1)}
+    assert all(torch.equal(forward[s], backward[s]) for s in forward)
+    assert not torch.equal(forward[1], forward[2])
+
+
 def test_default_seed_follows_torch_manual_seed():
     img = _image("rgb")
     streams = []
@@ -159,6 +169,15 @@ def test_default_seed_follows_torch_manual_seed():
         t = build_transforms("dermoscopy", 28, True, in_chans=3)
         streams.append(_stream(t, img, 6))
     assert all(torch.equal(x, y) for x, y in zip(*streams, strict=True))
+
+
+def test_eval_transform_does_not_consume_global_torch_rng():
+    torch.manual_seed(0)
+    build_transforms("chest_xray", 28, train=False)
+    build_transforms("none", 28, train=True)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))
 
 
 def test_pickle_round_trip_keeps_stream():

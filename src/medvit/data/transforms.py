@@ -202,7 +202,8 @@ def _radiology_affine(p: float) -> _OpSpec:
 
 
 # Strengths are deliberately moderate: MedMNIST images are often 28x28, where a 1-px shift is 4%
-# and a sigma-1 blur erases most structure. Albumentations ops must precede MONAI ops.
+# and a sigma-1 blur erases most structure. Within a preset all albumentations ops run before all
+# MONAI ops (uint8 stage, then float stage), so list them in that order to keep the table honest.
 _PRESET_OPS: dict[str, tuple[_OpSpec, ...]] = {
     "none": (),
     # Lateralised anatomy: never flip; contrast/exposure and quantum-noise jitter.
@@ -357,10 +358,12 @@ class MedTransform:
     and contrast parameters are resolution- and bit-depth-independent; channel expansion happens
     before normalisation so per-channel (e.g. ImageNet) stats work on grey input.
 
-    Randomness: every random op draws from generators seeded by ``set_random_state``. Inside a
-    torch DataLoader worker the generators are re-seeded once per worker from the worker's torch
-    seed (unless ``set_random_state`` was called in that worker, e.g. by MONAI's DataLoader), so
-    workers and epochs differ while staying reproducible under ``torch.manual_seed``.
+    Randomness: every random op draws from generators seeded by ``set_random_state``, which is
+    cheap enough (tens of microseconds) to call before every sample. Inside a torch DataLoader
+    worker the generators are re-seeded once per worker from the worker's torch seed unless
+    ``set_random_state`` was called in that worker (per sample, by a ``worker_init_fn`` or by
+    MONAI's DataLoader), so workers and epochs differ while staying reproducible under
+    ``torch.manual_seed``.
 
     Args:
         preset: One of ``PRESETS``.
@@ -369,7 +372,8 @@ class MedTransform:
         in_chans: Output channels, 1 or 3; grey input is repeated to 3 channels.
         mean: Normalisation mean on the [0, 1] scale, length 1 or ``in_chans``.
         std: Normalisation std on the [0, 1] scale, length 1 or ``in_chans``, all > 0.
-        seed: Seed for the random ops; ``None`` draws one from the global torch RNG.
+        seed: Seed for the random ops; ``None`` draws one from the global torch RNG (only if
+            there are random ops).
     """
 
     def __init__(
@@ -409,10 +413,12 @@ class MedTransform:
         monai_ops = [s.build() for s in specs if s.lib == "monai"]
         self._monai = mt.Compose(monai_ops) if monai_ops else None
         self._random = bool(specs)
+        self._share_generators()
         self._worker_key: tuple[int, int] | None = None
         self._seed = 0
         if seed is None:
-            seed = int(torch.randint(0, _SEED_BOUND, (1,)).item())
+            # Deterministic transforms leave the global torch stream untouched.
+            seed = int(torch.randint(0, _SEED_BOUND, (1,)).item()) if self._random else 0
         self.set_random_state(seed)
 
     @staticmethod
@@ -438,16 +444,31 @@ class MedTransform:
         self._worker_key = _current_worker_key()
         return self
 
-    def _seed_ops(self, seq: np.random.SeedSequence) -> None:
-        monai_seed, alb_seed = (int(s) for s in seq.generate_state(2))
+    def _share_generators(self) -> None:
+        """Point every random op at one generator per library, created once.
+
+        The data module re-seeds per sample, so seeding must be cheap: constructing a
+        ``RandomState`` per MONAI op (what ``Compose.set_random_state`` does) costs ~100x more
+        than re-seeding one in place. Sharing also keeps ops decorrelated, unlike albumentations'
+        ``Compose.set_random_seed``, which hands every op an identically seeded generator (so
+        HorizontalFlip and VerticalFlip would always fire together).
+        """
+        self._monai_rs = np.random.RandomState()
+        self._alb_rng = np.random.default_rng()
+        self._alb_py = random.Random()
         if self._monai is not None:
-            self._monai.set_random_state(seed=monai_seed)
-        # One shared generator pair: Compose.set_random_seed would give every op an identically
-        # seeded generator, correlating e.g. HorizontalFlip and VerticalFlip decisions.
-        rng, py_rng = np.random.default_rng(alb_seed), random.Random(alb_seed)
+            for op in self._monai.transforms:
+                if isinstance(op, mt.Randomizable):
+                    op.set_random_state(state=self._monai_rs)
         for compose in (self._alb_rgb, self._alb_grey):
             if compose is not None:
-                compose.set_random_state(rng, py_rng)
+                compose.set_random_state(self._alb_rng, self._alb_py)
+
+    def _seed_ops(self, seq: np.random.SeedSequence) -> None:
+        monai_seed, alb_seed = (int(s) for s in seq.generate_state(2))
+        self._monai_rs.seed(monai_seed)
+        self._alb_rng.bit_generator.state = np.random.PCG64(alb_seed).state
+        self._alb_py.seed(alb_seed)
 
     def _reseed_for_worker(self) -> None:
         key = _current_worker_key()
