@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -76,3 +77,14 @@ def real_data() -> Path:
     if not root or not (Path(root) / "breastmnist.npz").is_file():
         pytest.skip(f"{REAL_DATA_ENV} does not point at a folder with breastmnist.npz")
     return Path(root)
+
+
+class StopAtEpoch(L.Callback):
+    """Raise at the start of ``epoch``, as a crash or a killed job would (for resume tests)."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"interrupted at epoch {self.epoch}")

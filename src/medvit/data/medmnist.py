@@ -397,9 +397,9 @@ class MedMNISTDataModule(L.LightningDataModule):
         world, rank = 1, 0
         if self.trainer is not None:
             world, rank = self.trainer.world_size, self.trainer.global_rank
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything
         if train:
-            # Lightning seeds it from seed_everything and calls set_epoch() every epoch.
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            # Lightning calls set_epoch() on it every epoch.
             sampler: Sampler = SeededDistributedSampler(
                 data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
             )
@@ -414,6 +414,9 @@ class MedMNISTDataModule(L.LightningDataModule):
             data,
             batch_size=self.batch_size_per_device,
             sampler=sampler,
+            # Its own generator: otherwise each new (non-persistent) iterator draws a worker seed
+            # from the global RNG, and stochastic depth would depend on the worker count.
+            generator=torch.Generator().manual_seed(seed),
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=workers > 0,

@@ -1,0 +1,135 @@
+"""Train the default recipe on MedMNIST flags and seeds; compare with the MedMNIST v2 baselines.
+
+Each (flag, seed) is one ``medvit fit`` run in its own process (the experiment config
+``configs/experiment/<flag>.yaml`` plus any extra options); the table reports the mean and
+standard deviation of test AUC and ACC over seeds next to the published reference rows.
+
+Example (the numbers in benchmarks/RESULTS.md):
+    python benchmarks/medmnist.py --flags breastmnist pneumoniamnist --seeds 0 1 2 \
+        --out benchmarks/results/medmnist_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Published test AUC / ACC, MedMNIST v2 (Yang et al., Scientific Data 2023), Table 3.
+REFERENCE = {
+    "breastmnist": {
+        "ResNet-18 (28)": (0.901, 0.863),
+        "ResNet-50 (28)": (0.857, 0.812),
+        "Google AutoML Vision": (0.919, 0.861),
+        "auto-sklearn": (0.836, 0.803),
+    },
+    "pneumoniamnist": {
+        "ResNet-18 (28)": (0.944, 0.854),
+        "ResNet-50 (28)": (0.948, 0.854),
+        "Google AutoML Vision": (0.991, 0.946),
+        "auto-sklearn": (0.942, 0.855),
+    },
+}
+GOAL = "ResNet-18 (28)"
+
+
+def run_one(flag: str, seed: int, out: Path, extra: list[str]) -> dict:
+    """One fit+test run; returns its metrics.json (cached: an existing run is not redone)."""
+    run_dir = out / "runs" / f"{flag}-seed{seed}"
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file() and "test" in json.loads(metrics_file.read_text()):
+        return json.loads(metrics_file.read_text())
+    if run_dir.exists():
+        raise SystemExit(f"{run_dir} exists without test metrics: delete it and rerun.")
+    config = ROOT / "configs" / "experiment" / f"{flag}.yaml"
+    if not config.is_file():
+        raise SystemExit(f"no experiment config {config} for flag '{flag}'")
+    log = out / "logs" / f"{flag}-seed{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "medvit",
+        "fit",
+        "-c",
+        str(config),
+        f"--seed_everything={seed}",
+        f"--run.dir={run_dir}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+    start = time.time()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{flag} seed {seed} failed (exit {proc.returncode}); see {log}")
+    metrics = json.loads(metrics_file.read_text())
+    print(
+        f"  {flag} seed {seed}: test AUC {metrics['test']['auroc']:.3f} "
+        f"ACC {metrics['test']['acc']:.3f} ({time.time() - start:.0f} s)",
+        flush=True,
+    )
+    return metrics
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    """Markdown: our mean ± std over seeds, then the reference rows, per flag."""
+    lines = ["| flag | method | test AUC | test ACC | seeds |", "|---|---|---|---|---|"]
+    for flag, runs in results.items():
+        auc = [r["test"]["auroc"] for r in runs]
+        acc = [r["test"]["acc"] for r in runs]
+        lines.append(
+            f"| {flag} | **medvit default (ViT-Tiny/4, scratch)** | {mean_std(auc)} | "
+            f"{mean_std(acc)} | {len(runs)} |"
+        )
+        for name, (ref_auc, ref_acc) in REFERENCE.get(flag, {}).items():
+            lines.append(f"| {flag} | {name} | {ref_auc:.3f} | {ref_acc:.3f} | |")
+        goal = REFERENCE.get(flag, {}).get(GOAL)
+        if goal is not None:
+            met = statistics.mean(auc) >= goal[0] and statistics.mean(acc) >= goal[1]
+            lines.append(f"| {flag} | goal ({GOAL}) | {'met' if met else 'not met'} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--flags", nargs="+", default=["breastmnist", "pneumoniamnist"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "medmnist")
+    args, extra = parser.parse_known_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    for flag in args.flags:
+        print(f"{flag}: seeds {args.seeds}", flush=True)
+        results[flag] = [run_one(flag, seed, args.out, extra) for seed in args.seeds]
+    markdown = table(results)
+    (args.out / "table.md").write_text(markdown)
+    summary = {
+        flag: [
+            {"seed": s, "test": r["test"], "val": r["val"]}
+            for s, r in zip(args.seeds, runs, strict=True)
+        ]
+        for flag, runs in results.items()
+    }
+    (args.out / "results.json").write_text(
+        json.dumps({"extra_args": extra, "results": summary}, indent=2)
+    )
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
