@@ -82,6 +82,9 @@ def test_resume_from_last_checkpoint_is_exact(real_data, tmp_path, monkeypatch):
     )
     resumed = json.loads((interrupted / "metrics.json").read_text())
     assert resumed["test"] == pytest.approx(straight["test"], abs=1e-6)
+    # The best epoch survives the interruption (RunRecorder state lives in the checkpoint).
+    assert resumed["best_epoch"] == straight["best_epoch"]
+    assert resumed["val"] == pytest.approx(straight["val"], abs=1e-6)
     a = weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     b = weights(interrupted / "checkpoints" / "last.ckpt")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -90,6 +90,13 @@ class RunRecorder(L.Callback):
         self._best: float | None = None
         self._t0 = time.time()
 
+    def state_dict(self) -> dict[str, Any]:
+        # Saved in checkpoints, so a resumed run still knows the best epoch before the interruption.
+        return {"best": self._best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._best = state_dict.get("best")
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # trainer.log_dir is broadcast from rank 0, so every rank agrees on the folder.
         self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)

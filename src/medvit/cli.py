@@ -168,9 +168,10 @@ class MedViTCLI(LightningCLI):
         self._print_summary()
 
     def _print_summary(self) -> None:
+        # log_dir is a broadcast from rank 0 under DDP: every rank must take part in it.
+        run_dir = Path(self.trainer.log_dir)
         if not self.trainer.is_global_zero:
             return
-        run_dir = Path(self.trainer.log_dir)
         path = run_dir / METRICS_FILE
         if path.is_file():
             metrics = json.loads(path.read_text())
@@ -183,9 +184,9 @@ class MedViTCLI(LightningCLI):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``medvit`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        command, rest = argv[0], argv[1:]
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] in EXTRA_COMMANDS:
+        command, rest = words[0], words[1:]
         if command == "predict":
             from medvit.predict import main as predict_main
 
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             report_main(rest)
         return
     try:
+        # args=None lets LightningCLI read sys.argv itself (passing both only earns a warning).
         MedViTCLI(args=argv)
     except DataFileError as err:
         # A missing or malformed data file is a user problem, not a bug: no traceback.

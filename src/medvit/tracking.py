@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import netrc
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -97,6 +99,18 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of a run folder, so a resumed fit continues the same wandb run."""
+    path = Path(run_dir) / ".wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    if rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
+
+
 def build_loggers(run_dir: Path, experiment: str, wandb: WandbOptions) -> list[Logger]:
     """CSV logger writing into ``run_dir`` (always first), then wandb if enabled."""
     loggers: list[Logger] = [RunCSVLogger(run_dir)]
@@ -107,6 +121,8 @@ def build_loggers(run_dir: Path, experiment: str, wandb: WandbOptions) -> list[L
         if mode != "disabled":
             loggers.append(
                 MedViTWandbLogger(
+                    id=wandb_run_id(run_dir),
+                    resume="allow",
                     save_dir=str(run_dir),
                     project=wandb.project,
                     entity=wandb.entity,
