@@ -17,6 +17,7 @@ from medvit.data.files import DataFileError
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.models.module import ViTClassifier
 from medvit.tracking import WandbOptions, build_loggers
+from medvit.wandb_logging import WandbTestMedia
 
 RUN_DIR_ENV = "MEDVIT_RUN_DIR"
 EXTRA_COMMANDS = ("predict", "cv", "report")
@@ -60,7 +61,13 @@ class MedViTCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 42)
         kwargs.setdefault(
             "trainer_defaults",
-            {"callbacks": [LearningRateMonitor(logging_interval="epoch"), RunRecorder()]},
+            {
+                "callbacks": [
+                    LearningRateMonitor(logging_interval="epoch"),
+                    RunRecorder(),
+                    WandbTestMedia(),
+                ]
+            },
         )
         kwargs.setdefault("parser_kwargs", {"description": "Train ViTs on medical images."})
         self.run_dir: Path | None = None

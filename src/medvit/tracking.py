@@ -34,6 +34,8 @@ class WandbOptions:
         log_model: upload the best checkpoint as a wandb artifact at the end of training.
         log_predictions: log a table of misclassified test images (thumbnails, identified only by
             split and index). Off by default: images leave the machine when online.
+        log_paths: let wandb record file paths, the command line and the host name. Off by
+            default: paths can name patients or sites.
     """
 
     enabled: bool = False
@@ -46,6 +48,7 @@ class WandbOptions:
     mode: str = "auto"
     log_model: bool = False
     log_predictions: bool = False
+    log_paths: bool = False
 
 
 def has_wandb_credentials() -> bool:
@@ -133,6 +136,7 @@ def build_loggers(run_dir: Path, experiment: str, wandb: WandbOptions) -> list[L
                     offline=mode == "offline",
                     log_model=wandb.log_model,
                     log_predictions=wandb.log_predictions,
+                    log_paths=wandb.log_paths,
                 )
             )
     return loggers

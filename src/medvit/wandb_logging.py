@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -15,13 +15,39 @@ import yaml
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from medvit import plots
+if TYPE_CHECKING:
+    from medvit import plots
 
 # Config keys whose string values are file-system paths (the CLI config and the data hparams).
 PATH_KEYS = frozenset(
-    {"root", "cache_dir", "folds_file", "dir", "default_root_dir", "dirpath", "ckpt_path", "save_dir", "pretrained"}
+    {
+        "root",
+        "cache_dir",
+        "folds_file",
+        "dir",
+        "default_root_dir",
+        "dirpath",
+        "ckpt_path",
+        "save_dir",
+        "pretrained",
+    }
 )
 REDACTED = "<path not logged>"
+# meta.json fields that go to the wandb config: no host name, command line or paths.
+META_KEYS = (
+    "git_sha",
+    "git_dirty",
+    "device",
+    "accelerator",
+    "num_devices",
+    "num_nodes",
+    "world_size",
+    "strategy",
+    "precision",
+    "python",
+    "torch",
+    "lightning",
+)
 
 
 def redact_paths(config: Any, key: str | None = None) -> Any:
@@ -44,25 +70,50 @@ class MedViTWandbLogger(WandbLogger):
 
     Differences from Lightning's logger: the hyper-parameters are the run's whole resolved CLI
     config (``config.yaml`` in the run folder, when it exists) plus the model/data hparams, with
-    paths redacted; and ``log_model`` also works offline (the checkpoint artifact is stored in the
-    offline run and uploaded by ``wandb sync``), where Lightning refuses it.
+    paths redacted; ``log_model=True`` logs the best checkpoint only (aliases ``best`` and
+    ``latest``), and also works offline (the artifact is stored in the offline run and uploaded
+    by ``wandb sync``), where Lightning refuses it.
 
     Args:
         log_predictions: allow :class:`WandbTestMedia` to log thumbnails of misclassified test
             images (identified only by split and index).
-        log_paths: log file-system paths in the config (off: they are replaced by a marker).
+        log_paths: log file-system paths in the config and wandb's system metadata (command
+            line, working directory, host name). Off: config paths are replaced by a marker and
+            wandb's metadata is not collected.
         **kwargs: passed to :class:`lightning.pytorch.loggers.WandbLogger`.
     """
 
-    def __init__(self, log_predictions: bool = False, log_paths: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, log_predictions: bool = False, log_paths: bool = False, **kwargs: Any
+    ) -> None:
         log_model = kwargs.get("log_model", False)
         if kwargs.get("offline") and log_model:
             # Lightning rejects this pair although wandb stores artifacts offline for a later sync.
             kwargs["log_model"] = False
+        if not log_paths and "settings" not in kwargs:
+            import wandb
+
+            # wandb's system metadata holds the command line (data paths), working directory and
+            # host name; the config gets the useful part of meta.json instead. System metrics
+            # (CPU, GPU, memory) are separate and stay on.
+            kwargs["settings"] = wandb.Settings(x_disable_meta=True)
         super().__init__(**kwargs)
         self._log_model = log_model
         self.log_predictions = log_predictions
         self.log_paths = log_paths
+
+    def _scan_and_log_checkpoints(self, checkpoint_callback: Any) -> None:
+        if self._log_model is not True or not getattr(checkpoint_callback, "best_model_path", ""):
+            super()._scan_and_log_checkpoints(checkpoint_callback)
+            return
+        # log_model=True: the best checkpoint only. Lightning would upload last.ckpt as well,
+        # doubling the upload (about 1 GB per copy for a ViT-Base with its optimiser state).
+        last = checkpoint_callback.last_model_path
+        checkpoint_callback.last_model_path = ""
+        try:
+            super()._scan_and_log_checkpoints(checkpoint_callback)
+        finally:
+            checkpoint_callback.last_model_path = last
 
     def _resolved_config(self) -> dict[str, Any]:
         path = Path(self.save_dir or ".") / "config.yaml"
@@ -72,11 +123,25 @@ class MedViTWandbLogger(WandbLogger):
             config = yaml.safe_load(fh)
         return config if isinstance(config, dict) else {}
 
+    def _meta(self) -> dict[str, Any]:
+        path = Path(self.save_dir or ".") / "meta.json"
+        if not path.is_file():
+            return {}
+        meta = json.loads(path.read_text())
+        return {k: meta[k] for k in META_KEYS if k in meta}
+
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
-        """Log the resolved CLI config (nested) and the model/data hparams (flat), paths redacted."""
+        """Log the resolved CLI config (nested), the model/data hparams (flat) and ``meta``.
+
+        ``meta`` is the run's git SHA, device and versions from ``meta.json``; paths are
+        redacted unless ``log_paths``.
+        """
         params = dict(vars(params) if not isinstance(params, Mapping) else params)
         params.update(self._resolved_config())
+        meta = self._meta()
+        if meta:
+            params["meta"] = meta
         if not self.log_paths:
             params = redact_paths(params)
         super().log_hyperparams(params)
@@ -90,7 +155,9 @@ def _thumbnail(image: Any, mean: Any, std: Any) -> np.ndarray:
     """A dataset image (C, H, W), normalised, back to uint8 (H, W) or (H, W, 3)."""
     x = np.asarray(image, dtype=np.float32)
     c = x.shape[0]
-    m = np.broadcast_to(np.asarray(mean if mean else [0.5], np.float32).reshape(-1, 1, 1), (c, 1, 1))
+    m = np.broadcast_to(
+        np.asarray(mean if mean else [0.5], np.float32).reshape(-1, 1, 1), (c, 1, 1)
+    )
     s = np.broadcast_to(np.asarray(std if std else [0.5], np.float32).reshape(-1, 1, 1), (c, 1, 1))
     x = x * s + m
     if x.min() < -0.05 or x.max() > 1.05:
@@ -123,9 +190,15 @@ class WandbTestMedia(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loggers = _wandb_loggers(trainer)
-        if not trainer.is_global_zero or not loggers or getattr(pl_module, "test_predictions", None) is None:
+        if (
+            not trainer.is_global_zero
+            or not loggers
+            or getattr(pl_module, "test_predictions", None) is None
+        ):
             return
         import wandb
+
+        from medvit import plots  # matplotlib only when there is something to plot
 
         preds = plots.Predictions.from_module(pl_module)
         media = self.media(preds)
@@ -151,6 +224,8 @@ class WandbTestMedia(L.Callback):
         import wandb
         from PIL import Image
 
+        from medvit import plots
+
         figures = {
             "test/confusion_matrix": plots.confusion_figure(preds),
             "test/confusion_matrix_normalized": plots.confusion_figure(preds, normalize="true"),
@@ -174,7 +249,9 @@ class WandbTestMedia(L.Callback):
         dataset = getattr(loader, "dataset", None)
         if dataset is None:
             raise ValueError("log_predictions needs trainer.test_dataloaders with a dataset.")
-        hparams = getattr(trainer.datamodule, "hparams", {}) if trainer.datamodule is not None else {}
+        hparams = (
+            getattr(trainer.datamodule, "hparams", {}) if trainer.datamodule is not None else {}
+        )
         mean, std = hparams.get("mean"), hparams.get("std")
         predicted = preds.predicted
         if preds.task == "multilabel":
@@ -185,7 +262,10 @@ class WandbTestMedia(L.Callback):
 
         def describe(value: np.ndarray | int) -> str:
             if preds.task == "multilabel":
-                return "; ".join(n for n, v in zip(names, np.ravel(value), strict=True) if v) or "(none)"
+                return (
+                    "; ".join(n for n, v in zip(names, np.ravel(value), strict=True) if v)
+                    or "(none)"
+                )
             return names[int(value)]
 
         table = wandb.Table(
