@@ -217,7 +217,7 @@ class ViTFinetuning(BaseFinetuning):
 
     @staticmethod
     def _backbone(pl_module: L.LightningModule) -> list[torch.nn.Module]:
-        net = getattr(pl_module.net, "_orig_mod", pl_module.net)
+        net = pl_module.net
         head = net.get_classifier()
         return [m for m in net.children() if m is not head]
 
@@ -239,8 +239,7 @@ class ViTFinetuning(BaseFinetuning):
         )
         # A fixed sin-cos position embedding must stay frozen after the unfreeze.
         if pl_module.hparams.get("pos_embed") == "sincos":
-            net = getattr(pl_module.net, "_orig_mod", pl_module.net)
-            net.pos_embed.requires_grad_(False)
+            pl_module.net.pos_embed.requires_grad_(False)
         # torch schedulers zip base_lrs with param_groups: without this the new groups would be
         # silently left out of the warm-up/cosine schedule.
         for config in pl_module.trainer.lr_scheduler_configs:

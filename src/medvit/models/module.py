@@ -164,7 +164,9 @@ class ViTClassifier(L.LightningModule):
                 weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
             self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
         if self.hparams.compile and stage == "fit":
-            self.net = torch.compile(self.net)
+            # In place: state_dict keys stay "net.*" (test/predict load the checkpoint
+            # uncompiled), and a second fit does not wrap the network twice.
+            self.net.compile()
 
     def on_train_start(self) -> None:
         # The sanity check ran validation on a few batches; its values must not count as "best".
@@ -235,9 +237,8 @@ class ViTClassifier(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         fused = hp.fused_optimizer if hp.fused_optimizer is not None else self.device.type == "cuda"
-        net = getattr(self.net, "_orig_mod", self.net)  # param names of a compiled net
         optimizer = create_optimizer_v2(
-            net,
+            self.net,
             opt="adamw",
             lr=hp.lr,
             weight_decay=hp.weight_decay,

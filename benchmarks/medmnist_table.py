@@ -5,7 +5,7 @@ Each (flag, seed) is one ``medvit fit`` run in its own process (the experiment c
 standard deviation of test AUC and ACC over seeds next to the published reference rows.
 
 Example (the numbers in benchmarks/RESULTS.md):
-    python benchmarks/medmnist.py --flags breastmnist pneumoniamnist --seeds 0 1 2 \
+    python benchmarks/medmnist_table.py --flags breastmnist pneumoniamnist --seeds 0 1 2 \
         --out benchmarks/results/medmnist_cpu
 """
 

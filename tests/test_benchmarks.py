@@ -1,0 +1,187 @@
+"""The benchmark scripts run on CPU with their tiniest configs and report sane numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    """Import ``benchmarks/{name}.py`` (benchmarks/ is scripts, not a package)."""
+    key = f"_medvit_benchmarks_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the scripts set their own
+
+
+# ----------------------------------------------------------------------------- throughput
+def test_throughput_reports_fit_and_bare_rates(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    md = tmp_path / "rows.md"
+    args = ["--model", "test_vit", "--img-size", "32", "--patch-size", "16", "--batch-size", "4"]
+    args += ["--steps", "2", "--warmup", "1", "--repeats", "2", "--threads", "1"]
+    args += ["--progress-bar", "false", "--out", str(out), "--markdown", str(md)]
+    args += ["--pipeline-workers", "0", "--pipeline-batches", "2", "--pipeline-samples", "16"]
+    report = load("throughput").main(args)
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report, default=str))
+    r = report["result"]
+    assert report["device"] == "cpu" and report["machine"]["cpu_count"] >= 1
+    for path in ("fit", "bare"):
+        assert r[path]["images_per_s"] > 0 and len(r[path]["images_per_s_all"]) == 2
+        assert r[path]["step_ms"] == pytest.approx(1000 * 4 / r[path]["images_per_s"])
+        assert "mfu" not in r[path]  # no bf16 peak for a CPU
+    assert "peak_flops" not in r
+    assert r["ratio_fit_over_bare"] > 0 and len(r["ratios"]) == 2
+    assert r["ratio_cpu_time"] > 0 and r["ratio_min_step"] > 0  # the CPU-only steadier ratios
+    for path in ("fit", "bare"):
+        assert (
+            0 < r[path]["min_step_ms"] <= r[path]["step_ms"] * 2 and r[path]["cpu_s_per_step"] > 0
+        )
+    assert r["peak_rss_mb"] > 100
+    assert r["fused_attention"] is True and r["fused_adamw"] is False
+    # The FLOP counter (with the CPU attention kernels registered) agrees with the formula.
+    assert r["flops_counted_over_analytic"] == pytest.approx(1.0, abs=0.05)
+    pipe = r["pipeline"]
+    assert pipe["images_per_s"] > 0 and pipe["batch_shape"] == [4, 3, 32, 32]
+    assert pipe["over_model_rate"] == pytest.approx(pipe["images_per_s"] / r["fit"]["images_per_s"])
+    row = md.read_text().strip()
+    header = load("throughput").MARKDOWN_HEADER.splitlines()[0]
+    assert row.count("|") == header.count("|") and "| test_vit | 32 | 16 | 4 |" in row
+
+
+def test_analytic_flops_of_vit_base_match_the_literature() -> None:
+    tp = load("throughput")
+    from medvit.models.vit import create_vit
+
+    with torch.device("meta"):
+        net = create_vit("vit_base_patch16_224", num_classes=1000, in_chans=3, img_size=224)
+    # ViT-B/16 at 224 px: 17.6 GMACs per image forward (DeiT table 1), i.e. 35.1 GFLOPs.
+    assert sum(tp.analytic_forward_flops(net, 224).values()) == pytest.approx(35.1e9, rel=0.01)
+    # Backward = 2x forward, except that the input image needs no gradient.
+    parts = tp.analytic_forward_flops(net, 224)
+    expected = 3 * sum(parts.values()) - parts["patch_embed"]
+    assert tp.analytic_train_flops(net, 224, batch=2) == 2 * expected
+
+
+def test_counted_flops_include_cpu_attention() -> None:
+    tp = load("throughput")
+    from medvit.models.vit import create_vit
+
+    net = create_vit("test_vit", num_classes=3, in_chans=1, img_size=64, patch_size=8)
+    counted = tp.counted_train_flops(net, torch.randn(2, 1, 64, 64))
+    analytic = tp.analytic_train_flops(net, 64, batch=2)
+    # The counter also sees the backward of flash attention recompute the scores (Q K^T):
+    # 2 N^2 d FLOPs per layer and image, hardware work that MFU leaves out.
+    tokens, dim, depth = 65, 64, 6
+    recompute = 2 * depth * 2 * tokens**2 * dim
+    # Attention is ~10% of this model's FLOPs: leaving the CPU kernels uncounted would fail.
+    assert counted == analytic + recompute
+
+
+def test_peak_flops() -> None:
+    tp = load("throughput")
+    assert tp.peak_flops(torch.device("cpu"), None) is None
+    assert tp.peak_flops(torch.device("cpu"), 100.0) == 100e12
+    assert tp.PEAK_BF16_FLOPS["H100"] == tp.PEAK_BF16_FLOPS["H200"] == 989.4e12
+
+
+# ------------------------------------------------------------------------------- pipeline
+def test_synthetic_file_is_in_the_medmnist_format(tmp_path: Path) -> None:
+    pipeline = load("pipeline")
+    path = pipeline.write_synthetic_npz(tmp_path / "chestmnist.npz", "chestmnist", 28, (5, 3, 2))
+    with np.load(path) as data:
+        assert sorted(data.files) == sorted(
+            f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")
+        )
+        assert data["train_images"].shape == (5, 28, 28) and data["train_images"].dtype == np.uint8
+        assert data["test_labels"].shape == (2, 14)  # multi-label: one column per label
+        assert set(np.unique(data["train_labels"])) <= {0, 1}
+    dm = pipeline.make_datamodule(tmp_path, "chestmnist", 28, batch_size=2, num_workers=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.data_train) == 5 and len(dm.data_val) == 3
+
+
+def test_pipeline_reports_images_per_second(tmp_path: Path) -> None:
+    out = tmp_path / "pipeline.json"
+    args = ["--flag", "breastmnist", "--size", "28", "--batch-size", "8", "--num-workers", "0", "1"]
+    args += ["--batches", "3", "--warmup-batches", "1", "--n-train", "48", "--out", str(out)]
+    report = load("pipeline").main(args)
+
+    assert json.loads(out.read_text()) == report
+    assert [r["num_workers"] for r in report["results"]] == [0, 1]
+    for r in report["results"]:
+        assert r["images_per_s"] > 0 and r["batches_timed"] == 3
+        assert r["batch_shape"] == [8, 1, 28, 28]
+        assert r["augmentation"] == "ultrasound"  # the flag's preset, as in training
+    assert report["data"].startswith("synthetic")
+
+
+# -------------------------------------------------------------------------------- bigdata
+@pytest.mark.slow
+def test_bigdata_measures_the_whole_process_tree(tmp_path: Path) -> None:
+    out = tmp_path / "bigdata.json"
+    args = ["--size", "28", "--samples", "48", "--workers", "1", "--steps", "2"]
+    args += ["--batch-size", "4", "--model", "test_vit", "--patch-size", "4", "--interval", "0.05"]
+    args += ["--workdir", str(tmp_path / "work"), "--out", str(out)]
+    report = load("bigdata").main(args)
+
+    (row,) = report["results"]
+    assert row["n_train"] == 48 and row["num_workers"] == 1 and row["train_steps"] == 2
+    assert row["processes"] >= 2  # the trainer and its DataLoader worker were both sampled
+    assert 0 < row["peak_uss_mb"] <= row["peak_pss_mb"] <= row["peak_rss_mb"]
+    assert row["peak_root_rss_mb"] < row["peak_rss_mb"]
+    assert row["unpack_s"] >= 0 and row["file_gb"] > 0
+    assert json.loads(out.read_text()) == report
+    assert list((tmp_path / "work").iterdir()) == []  # data and runs deleted
+
+
+def test_bigdata_refuses_a_too_small_disk(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="GB free"):
+        load("bigdata").main(["--samples", "10000000000", "--workdir", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------ gpu check
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_cpu(tmp_path: Path) -> None:
+    env = dict(os.environ, OUT=str(tmp_path / "out"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), "--cpu"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAIL" not in proc.stdout, proc.stdout
+    report = json.loads((tmp_path / "out" / "throughput_test_vit_compile-no.json").read_text())
+    assert report["config"]["precision"] == "bf16-mixed"
+    assert report["result"]["fit"]["images_per_s"] > 0 and "mfu" not in report["result"]["fit"]
+    pipe = json.loads((tmp_path / "out" / "pipeline.json").read_text())
+    assert [r["num_workers"] for r in pipe["results"]] == [0, 2]
+    assert "| test_vit | 32 | 16 | 8 | bf16-mixed | no | cpu |" in proc.stdout

@@ -1,0 +1,197 @@
+"""Data-parallel runs on CPU (gloo) reproduce the single-process ones.
+
+- ``torchrun --nproc_per_node 2 -m medvit fit`` (through ``scripts/torchrun_fit.sh``) on real
+  BreastMNIST: the same validation and test metrics and the same best weights as one process,
+  up to float reduction order. The global batch is the same (32 = 2 x 16), the seeded sampler
+  gives each global batch the same samples, augmentation seeds depend only on (seed, epoch,
+  index), DDP averages the two per-rank mean losses' gradients (= the mean over 32), and
+  dropout/drop-path are off.
+- ``medvit test --trainer.devices 2 --trainer.strategy ddp`` (Lightning's own launcher) of a
+  checkpoint gives the 1-process test metrics and predictions on a test split of an odd size:
+  a padding sampler would count a sample twice and write 32 predictions for 31 samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+# Metrics after a few identical steps differ only by float reduction order (all-reduce vs one
+# process): weights agree to ~1e-6, so probabilities do too. A threshold metric (acc, f1, sens)
+# or AUROC moves only if a probability crosses a threshold or a tie flips; one flipped pair in
+# AUROC on BreastMNIST's test split (42 x 114 pairs) moves it by 2e-4, so 2e-3 allows a few flips
+# but catches any real difference (a wrong batch, a repeated sample, a different LR).
+METRIC_TOL = 2e-3
+# Four AdamW steps at a warm-up LR of at most 1e-3 move weights by up to ~4e-3; a different
+# batch or LR shows at that scale, float reduction order at ~1e-6.
+WEIGHT_TOL = 1e-5
+FIT_ARGS = [
+    "-c",
+    str(REPO / "configs/experiment/breastmnist.yaml"),
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=4",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--data.num_workers=0",
+    "--data.global_batch_size=32",  # pinned: the experiment config may change
+    "--model.drop_path_rate=0",
+    "--model.drop_rate=0",
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        OMP_WAIT_POLICY="PASSIVE",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")])),
+    )
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> str:
+    """Run ``cmd`` to completion; its output, or a failure showing the output's tail."""
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env={**_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-6000:]}"
+    return out
+
+
+def run_medvit(args: list[str], cwd: Path) -> str:
+    """``python -m medvit ARGS`` (Lightning launches extra processes itself for ``ddp``)."""
+    return run([sys.executable, "-m", "medvit", *args], cwd)
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _assert_close(a: dict[str, float], b: dict[str, float], tol: float, what: str) -> None:
+    assert a.keys() == b.keys(), f"{what}: metric names differ: {sorted(a)} vs {sorted(b)}"
+    diffs = {k: abs(a[k] - b[k]) for k in a}
+    assert max(diffs.values()) <= tol, f"{what}: differences over {tol}: {diffs}"
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def fits(real_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 1-process fit and a ``torchrun --nproc_per_node 2`` fit of the same configuration."""
+    tmp = tmp_path_factory.mktemp("ddp_fit")
+    common = [*FIT_ARGS, f"--data.root={real_data}", f"--data.cache_dir={tmp / 'mmap'}"]
+    single, ddp = tmp / "runs" / "single", tmp / "runs" / "ddp"
+    run_medvit(["fit", *common, f"--run.dir={single}"], cwd=tmp)
+    # The documented launcher: torchrun with a c10d rendezvous, here one node with 2 processes.
+    launch = {
+        "NNODES": "1",
+        "GPUS_PER_NODE": "2",
+        "ACCELERATOR": "cpu",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "RUN_ID": "test-ddp",
+        "RUN_DIR": str(ddp),
+        "PYTHON": sys.executable,
+    }
+    out = run(["bash", str(REPO / "scripts" / "torchrun_fit.sh"), *common], cwd=tmp, env=launch)
+    return {"single": single, "ddp": ddp, "tmp": tmp, "ddp_output": out}
+
+
+def test_torchrun_fit_matches_single_process(fits: dict) -> None:
+    single, ddp = _metrics(fits["single"]), _metrics(fits["ddp"])
+    meta = json.loads((fits["ddp"] / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["strategy"] == "DDPStrategy", meta
+    assert json.loads((fits["single"] / "meta.json").read_text())["world_size"] == 1
+    assert single["best_epoch"] == ddp["best_epoch"] == 0
+    _assert_close(single["val"], ddp["val"], METRIC_TOL, "val")
+    _assert_close(single["test"], ddp["test"], METRIC_TOL, "test")
+    # Not a vacuous comparison: the metrics come from a real model on the 156 test images.
+    assert 0.0 < single["test"]["auroc"] < 1.0 and single["test"]["loss"] > 0
+
+
+def test_torchrun_fit_has_the_same_best_weights(fits: dict) -> None:
+    a = _state_dict(fits["single"] / "checkpoints" / "best.ckpt")
+    b = _state_dict(fits["ddp"] / "checkpoints" / "best.ckpt")
+    assert a.keys() == b.keys()
+    diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert diff <= WEIGHT_TOL, f"best weights differ by {diff} (max abs)"
+    # Training did move the weights, so equal weights are not the initial ones.
+    ckpt = torch.load(
+        fits["ddp"] / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False
+    )
+    assert ckpt["global_step"] == 4
+
+
+def test_torchrun_writes_one_run_folder(fits: dict) -> None:
+    runs = fits["single"].parent
+    assert sorted(p.name for p in runs.iterdir()) == ["ddp", "single"]
+    names = sorted(p.name for p in fits["ddp"].iterdir())
+    for name in ("config.yaml", "meta.json", "metrics.csv", "metrics.json", "test_predictions.npz"):
+        assert name in names, names
+    assert sorted(p.name for p in (fits["ddp"] / "checkpoints").iterdir()) == [
+        "best.ckpt",
+        "last.ckpt",
+    ]
+    # Only rank 0 prints the summary.
+    assert fits["ddp_output"].count("Run directory:") == 1
+
+
+def test_ddp_test_of_a_checkpoint_is_exact_on_an_odd_test_split(
+    synthetic_root, tmp_path: Path
+) -> None:
+    root = synthetic_root("breastmnist", n=(64, 20, 31))
+    data = [
+        f"--data.root={root}",
+        "--data.verify_md5=false",
+        "--data.download=false",
+        f"--data.cache_dir={tmp_path / 'mmap'}",
+    ]
+    fit_dir = tmp_path / "runs" / "fit"
+    run_medvit(
+        ["fit", *FIT_ARGS, *data, "--trainer.limit_train_batches=1", f"--run.dir={fit_dir}"],
+        cwd=tmp_path,
+    )
+    ckpt = fit_dir / "checkpoints" / "best.ckpt"
+    test_args = ["test", "-c", str(fit_dir / "config.yaml"), f"--ckpt_path={ckpt}"]
+    one, two = tmp_path / "runs" / "test1", tmp_path / "runs" / "test2"
+    run_medvit([*test_args, f"--run.dir={one}"], cwd=tmp_path)
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
+    run_medvit([*test_args, *ddp, f"--run.dir={two}"], cwd=tmp_path)
+
+    assert json.loads((two / "meta.json").read_text())["world_size"] == 2
+    m1, m2 = _metrics(one)["test"], _metrics(two)["test"]
+    # Same weights, same samples, each counted once: equal up to float noise of batch shapes.
+    _assert_close(m1, m2, 1e-6, "test")
+    p1, p2 = np.load(one / "test_predictions.npz"), np.load(two / "test_predictions.npz")
+    np.testing.assert_array_equal(p1["index"], np.arange(31))
+    np.testing.assert_array_equal(p2["index"], np.arange(31))
+    np.testing.assert_array_equal(p1["target"], p2["target"])
+    np.testing.assert_allclose(p1["probs"], p2["probs"], rtol=0, atol=1e-6)
