@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from matplotlib.text import Text
 from medmnist import INFO
 from PIL import Image
@@ -195,7 +196,7 @@ def test_run_report_numbers_and_plots_match_the_run_files(real_runs):
         "malignant",
         "normal, benign",
         "vit_tiny_patch16_224",
-        "lr 0.001",
+        f"lr {yaml.safe_load((run_dir / 'config.yaml').read_text())['model']['lr']}",
         str(meta["git_sha"])[:12],
         meta["started"][:10],
         meta["device"],
