@@ -212,6 +212,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         self.data_val: MedMNISTSplit | None = None
         self.data_test: MedMNISTSplit | None = None
         self._folder: Path | None = None
+        self._split_sizes: dict[str, int] = {}
 
     # ----------------------------------------------------------------- metadata for the model
     @property
@@ -285,7 +286,10 @@ class MedMNISTDataModule(L.LightningDataModule):
                 f"{self.url} and put it at {path}."
             )
         folder = extract_npz(path, mmap_dir_for(path, self._cache_root()))
-        self._validate(open_arrays(folder, path))
+        arrays = open_arrays(folder, path)
+        self._validate(arrays)
+        # Official sizes when the MD5 was checked (_validate insists), the file's own otherwise.
+        self._split_sizes = {split: len(arrays[f"{split}_labels"]) for split in SPLITS}
         return folder
 
     def _validate(self, arrays: dict[str, np.ndarray]) -> None:
@@ -344,10 +348,7 @@ class MedMNISTDataModule(L.LightningDataModule):
                 preset, self.img_size, train=train, in_chans=self.in_chans, mean=mean, std=std
             )
 
-        n = {split: self.info["n_samples"][split] for split in SPLITS}
-        if not self.hparams.verify_md5:
-            arrays = open_arrays(self._folder, self.path)
-            n = {split: len(arrays[f"{split}_labels"]) for split in SPLITS}
+        n = self._split_sizes
         if stage in (None, "fit", "validate") and self.data_train is None:
             train_src, val_src = self._fit_sources(n)
             self.data_train = MedMNISTSplit(self._folder, train_src, make(True), multilabel)
