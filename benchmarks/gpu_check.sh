@@ -2,7 +2,8 @@
 # One prepared GPU check on one H100/H200, capped at BUDGET_S (420 s) after the installs:
 #   - throughput.py for vit_tiny / vit_small / vit_base at 224 px, bf16-mixed, without and with
 #     torch.compile: fit vs bare images/s, step time, peak memory, MFU vs the bf16 dense peak;
-#   - the 224 px data pipeline (pathmnist preset) with 8 and 16 workers, next to the model rates.
+#   - the 224 px data pipeline (pathmnist preset) with 8 and 16 workers, next to the model rates,
+#     with augmentation in the workers and on the GPU (batched, after the transfer).
 # Results go to $OUT (default /tmp/gpu_check_out): one JSON per run (throughput_*.json,
 # pipeline.json), throughput.md, env.txt (GPU, versions, what had to be installed) and logs/.
 # Order: pipeline, then ViT-B (the MFU goal), ViT-S, ViT-Ti, each without then with compile.
@@ -97,14 +98,16 @@ if [ "$MODE" = gpu ]; then
   COMPILE=(no yes)
   RUN=(--img-size 224 --patch-size 16 --precision bf16-mixed --steps 30 --warmup 10 --repeats 3
        --threads 8 --accelerator gpu)
-  PIPE=(--flag pathmnist --size 224 --batch-size 256 --num-workers 8 16 --batches 20 --n-train 6144)
+  PIPE=(--flag pathmnist --size 224 --batch-size 256 --num-workers 8 16 --batches 20 --n-train 6144
+        --augment-on workers device --device cuda --pin-memory)
   LIMIT=150
 else
   MODELS=("test_vit 8")
   COMPILE=(no)
   RUN=(--img-size 32 --patch-size 16 --precision bf16-mixed --steps 2 --warmup 1 --repeats 1
        --threads 1 --accelerator cpu)
-  PIPE=(--flag pathmnist --size 28 --batch-size 8 --num-workers 0 2 --batches 3 --n-train 64)
+  PIPE=(--flag pathmnist --size 28 --batch-size 8 --num-workers 0 2 --batches 3 --n-train 64
+        --augment-on workers device)
   LIMIT=600
 fi
 # The whole check stays within BUDGET_S (default 420 s) after the installs: each run is capped

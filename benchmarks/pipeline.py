@@ -3,8 +3,13 @@
 It runs medvit's own training DataLoader (``MedMNISTDataModule.train_dataloader``: the seeded
 sampler, the flag's augmentation preset, default collate) and times batches after the workers
 have started. Without ``--root`` it writes a synthetic file in the MedMNIST format first.
+Each batch is moved to ``--device``; with ``--augment-on device`` the workers only read uint8
+images and the preset runs there on the whole batch (the DataModule's
+``on_after_batch_transfer``), and that time is reported separately.
 
     python benchmarks/pipeline.py --flag pathmnist --size 224 --batch-size 64 --num-workers 8
+    python benchmarks/pipeline.py --flag pathmnist --size 224 --batch-size 256 \
+        --num-workers 8 --augment-on workers device --device cuda
 
 The helpers here (machine description, synthetic MedMNIST files) are shared with
 ``throughput.py`` and ``bigdata.py``.
@@ -143,6 +148,7 @@ def make_datamodule(
     augmentation: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     pin_memory: bool = False,
+    augment_on: str = "workers",
 ) -> Any:
     """medvit's DataModule on a local file (no download, no MD5: synthetic files are allowed)."""
     from medvit.data.medmnist import MedMNISTDataModule
@@ -160,6 +166,7 @@ def make_datamodule(
         verify_md5=False,
         cache_dir=str(cache_dir) if cache_dir is not None else None,
         pin_memory=pin_memory,
+        augment_on=augment_on,
     )
 
 
@@ -176,11 +183,15 @@ def measure_pipeline(
     augmentation: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     pin_memory: bool = False,
+    augment_on: str = "workers",
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Images per second of medvit's training DataLoader alone (read + augment + collate).
+    """Images per second of medvit's training data path alone, up to batches on ``device``.
 
-    The first ``warmup_batches`` (worker start-up, page-cache misses) are not timed; the loader
-    runs as many epochs as needed to deliver ``batches`` timed batches.
+    Read + augment + collate in the workers, then the move to ``device`` and, with
+    ``augment_on="device"``, the batched augmentation there. The first ``warmup_batches``
+    (worker start-up, page-cache misses) are not timed; the loader runs as many epochs as needed
+    to deliver ``batches`` timed batches.
     """
     if batches < 1 or warmup_batches < 0:
         raise ValueError(
@@ -197,7 +208,14 @@ def measure_pipeline(
         augmentation,
         cache_dir,
         pin_memory,
+        augment_on,
     )
+    dev = torch.device(device)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     t_unpack = time.perf_counter()
     dm.prepare_data()
     unpack_s = time.perf_counter() - t_unpack
@@ -211,11 +229,18 @@ def measure_pipeline(
     needed = warmup_batches + batches
     t_start = time.perf_counter()
     seen, images, t0, first_batch_s = 0, 0, None, None
+    on_device_s = 0.0  # transfer + batched augmentation, timed batches only
     shape = None
     epoch = 0
     while seen < needed:
         loader.sampler.set_epoch(epoch)
-        for x, _, _ in loader:
+        for batch in loader:
+            t_dev = time.perf_counter()
+            batch = [b.to(dev, non_blocking=pin_memory) for b in batch]
+            x = dm.on_after_batch_transfer(batch, 0)[0]
+            sync()
+            if seen >= warmup_batches:
+                on_device_s += time.perf_counter() - t_dev
             seen += 1
             if first_batch_s is None:
                 first_batch_s = time.perf_counter() - t_start
@@ -238,6 +263,8 @@ def measure_pipeline(
         "img_size": dm.img_size,
         "in_chans": dm.in_chans,
         "augmentation": dm.hparams.augmentation or _preset(flag),
+        "augment_on": augment_on,
+        "device": str(dev),
         "batch_size": batch_size,
         "num_workers": num_workers,
         "batches_timed": batches,
@@ -245,6 +272,9 @@ def measure_pipeline(
         "images_per_s": ips,
         "batch_ms": 1000.0 * elapsed / batches,
         "images_per_s_per_worker": ips / max(1, num_workers),
+        "on_device_ms_per_batch": 1000.0 * on_device_s / batches,
+        # What the loader alone delivers (exact with 0 workers, a lower bound with more).
+        "loader_images_per_s": images / max(elapsed - on_device_s, 1e-9),
         "first_batch_s": first_batch_s,
         "prepare_s": unpack_s,
     }
@@ -276,15 +306,18 @@ def markdown_row(result: dict[str, Any]) -> str:
     """One row of the pipeline table (see ``MARKDOWN_HEADER``)."""
     r = result
     return (
-        f"| {r['flag']} | {r['size']}->{r['img_size']} | {r['augmentation']} | {r['batch_size']} "
-        f"| {r['num_workers']} | {r['images_per_s']:.0f} | {r['images_per_s_per_worker']:.0f} "
+        f"| {r['flag']} | {r['size']}->{r['img_size']} | {r['augmentation']} "
+        f"| {r['augment_on']} | {r['device']} | {r['batch_size']} | {r['num_workers']} "
+        f"| {r['images_per_s']:.0f} | {r['images_per_s_per_worker']:.0f} "
+        f"| {r['loader_images_per_s']:.0f} | {r['on_device_ms_per_batch']:.1f} "
         f"| {r['first_batch_s']:.1f} |"
     )
 
 
 MARKDOWN_HEADER = (
-    "| flag | px (file->model) | augmentation | batch | workers | images/s | per worker "
-    "| first batch (s) |\n|---|---|---|---|---|---|---|---|"
+    "| flag | px (file->model) | augmentation | augment on | device | batch | workers | images/s "
+    "| per worker | loader alone images/s | on-device ms/batch | first batch (s) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -299,6 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--in-chans", type=int, default=None, choices=(1, 3))
     parser.add_argument("--augmentation", default=None, help="Preset (default: the flag's).")
+    parser.add_argument(
+        "--augment-on",
+        nargs="+",
+        default=["workers"],
+        choices=("workers", "device"),
+        help="Where training augmentation runs; one run per value.",
+    )
+    parser.add_argument("--device", default="cpu", help="Where batches go (cpu, cuda).")
+    parser.add_argument("--pin-memory", action="store_true", help="Pinned host batches.")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
         "--num-workers", type=int, nargs="+", default=[2], help="One run per value."
@@ -333,7 +375,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 in_chans=args.in_chans,
                 augmentation=args.augmentation,
                 cache_dir=Path(tmp) / "mmap",
+                pin_memory=args.pin_memory,
+                augment_on=where,
+                device=args.device,
             )
+            for where in args.augment_on
             for workers in args.num_workers
         ]
     report = {

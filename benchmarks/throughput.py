@@ -471,8 +471,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 in_chans=args.in_chans,
                 cache_dir=Path(tmp) / "mmap",
                 pin_memory=device.type == "cuda",
+                augment_on=args.pipeline_augment_on,
+                device=str(device),
             )
         pipe["over_model_rate"] = pipe["images_per_s"] / result["fit"]["images_per_s"]
+        # With augmentation on the device the model waits for it: its share of a training step.
+        step_ms = 1000.0 * args.batch_size / result["fit"]["images_per_s"]
+        pipe["on_device_share_of_step"] = pipe["on_device_ms_per_batch"] / step_ms
         result["pipeline"] = pipe
 
     return {
@@ -572,6 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline-workers", type=int, default=None, help="Also time the pipeline."
     )
     parser.add_argument("--pipeline-batches", type=int, default=20)
+    parser.add_argument(
+        "--pipeline-augment-on",
+        default="workers",
+        choices=("workers", "device"),
+        help="Where the pipeline's augmentation runs (device: batched, after the transfer).",
+    )
     parser.add_argument("--pipeline-samples", type=int, default=2048, help="Synthetic train size.")
     parser.add_argument("--pipeline-root", default=None, help="Folder with a real file instead.")
     parser.add_argument("--out", default=None, help="Write the report as JSON here.")

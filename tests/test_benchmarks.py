@@ -129,14 +129,18 @@ def test_pipeline_reports_images_per_second(tmp_path: Path) -> None:
     out = tmp_path / "pipeline.json"
     args = ["--flag", "breastmnist", "--size", "28", "--batch-size", "8", "--num-workers", "0", "1"]
     args += ["--batches", "3", "--warmup-batches", "1", "--n-train", "48", "--out", str(out)]
+    args += ["--augment-on", "workers", "device"]
     report = load("pipeline").main(args)
 
     assert json.loads(out.read_text()) == report
-    assert [r["num_workers"] for r in report["results"]] == [0, 1]
+    runs = [(r["augment_on"], r["num_workers"]) for r in report["results"]]
+    assert runs == [("workers", 0), ("workers", 1), ("device", 0), ("device", 1)]
     for r in report["results"]:
-        assert r["images_per_s"] > 0 and r["batches_timed"] == 3
+        assert r["images_per_s"] > 0 and r["batches_timed"] == 3 and r["device"] == "cpu"
+        # Both paths deliver what the model eats: normalised float batches at the model's size.
         assert r["batch_shape"] == [8, 1, 28, 28]
         assert r["augmentation"] == "ultrasound"  # the flag's preset, as in training
+        assert r["on_device_ms_per_batch"] > 0
     assert report["data"].startswith("synthetic")
 
 
@@ -183,5 +187,6 @@ def test_gpu_check_script_runs_on_cpu(tmp_path: Path) -> None:
     assert report["config"]["precision"] == "bf16-mixed"
     assert report["result"]["fit"]["images_per_s"] > 0 and "mfu" not in report["result"]["fit"]
     pipe = json.loads((tmp_path / "out" / "pipeline.json").read_text())
-    assert [r["num_workers"] for r in pipe["results"]] == [0, 2]
+    runs = [(r["augment_on"], r["num_workers"]) for r in pipe["results"]]
+    assert runs == [("workers", 0), ("workers", 2), ("device", 0), ("device", 2)]
     assert "| test_vit | 32 | 16 | 8 | bf16-mixed | no | cpu |" in proc.stdout

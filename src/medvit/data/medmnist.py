@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from medmnist import INFO
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from medvit.data.batch_transforms import BatchAugment, build_batch_transforms
 from medvit.data.files import (
     SPLITS,
     DataFileError,
@@ -36,6 +37,7 @@ TASKS = {
     "ordinal-regression": "ordinal",
 }
 FLAGS_2D = tuple(flag for flag in INFO if not flag.endswith("3d"))
+AUGMENT_ON = ("workers", "device")
 
 
 def default_root() -> str:
@@ -47,7 +49,9 @@ class MedMNISTSplit(Dataset):
     """Images and labels of one or more (split, indices) sources of a memory-mapped MedMNIST set.
 
     Items are ``(image, target, index)``, where ``index`` is the item's position in this dataset
-    (for an official split, its index in that split), so predictions can be matched back.
+    (for an official split, its index in that split), so predictions can be matched back. With
+    ``return_seed`` (augmentation on the device) a training item also carries its augmentation
+    seed: ``(image, target, index, seed)``.
     The arrays are opened lazily in each process: a pickled memmap would copy the whole split.
     """
 
@@ -57,10 +61,12 @@ class MedMNISTSplit(Dataset):
         sources: Sequence[tuple[str, np.ndarray]],
         transform: Any,
         multilabel: bool,
+        return_seed: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self.transform = transform
         self.multilabel = multilabel
+        self.return_seed = return_seed
         self._split_of = np.concatenate(
             [np.full(len(idx), SPLITS.index(split), dtype=np.int8) for split, idx in sources]
         )
@@ -93,11 +99,17 @@ class MedMNISTSplit(Dataset):
                 out.append(np.asarray(self._array(f"{split}_labels")[self._index_of[mask]]))
         return np.concatenate(out) if out else np.empty((0, 1), dtype=np.int64)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, ...]:
         # Training samplers pass (index, augmentation seed): a sample's augmentation then depends
         # only on (seed, epoch, index), not on the worker or rank that happens to load it.
         i, seed = key if isinstance(key, tuple) else (key, None)
-        if seed is not None:
+        if self.return_seed:
+            if seed is None:
+                raise ValueError(
+                    "augmentation on the device needs the (index, seed) keys of "
+                    "SeededDistributedSampler; this dataset was indexed with a plain index."
+                )
+        elif seed is not None:
             self.transform.set_random_state(seed)
         split = SPLITS[self._split_of[i]]
         j = int(self._index_of[i])
@@ -107,6 +119,8 @@ class MedMNISTSplit(Dataset):
             target = torch.from_numpy(label.astype(np.float32))
         else:
             target = torch.tensor(int(label.reshape(-1)[0]), dtype=torch.long)
+        if self.return_seed:
+            return self.transform(image), target, i, seed
         return self.transform(image), target, i
 
 
@@ -146,6 +160,11 @@ class MedMNISTDataModule(L.LightningDataModule):
             can be fed as 3 channels for RGB-pretrained models.
         img_size: side length fed to the model; ``None`` keeps ``size``.
         augmentation: augmentation preset; ``None`` picks the flag's modality preset.
+        augment_on: where training augmentation runs. ``"workers"``: per image in the
+            DataLoader workers. ``"device"``: the workers only read uint8 images, and the preset
+            runs on whole batches after they reach the training device
+            (:class:`~medvit.data.batch_transforms.BatchAugment`), for when the host's cores
+            cannot keep a GPU busy. Validation and test data are prepared in the workers either way.
         mean: normalisation mean per channel (or one value); ``None`` means 0.5, unless the
             CLI fills it from the model's pretrained data config.
         std: normalisation std, as ``mean``.
@@ -172,6 +191,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         in_chans: int | None = None,
         img_size: int | None = None,
         augmentation: str | None = None,
+        augment_on: str = "workers",
         mean: list[float] | None = None,
         std: list[float] | None = None,
         download: bool = True,
@@ -202,6 +222,8 @@ class MedMNISTDataModule(L.LightningDataModule):
             raise ValueError(f"in_chans must be 1, 3 or None, got {in_chans}.")
         if in_chans == 1 and info["n_channels"] == 3:
             raise ValueError(f"{flag} images are RGB; in_chans=1 would drop colour. Use 3.")
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {augment_on!r}.")
         if (folds_file is None) != (fold is None):
             raise ValueError("folds_file and fold go together: give both or neither.")
         self.save_hyperparameters(logger=False)
@@ -211,6 +233,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         self.data_train: MedMNISTSplit | None = None
         self.data_val: MedMNISTSplit | None = None
         self.data_test: MedMNISTSplit | None = None
+        self.batch_augment: BatchAugment | None = None
         self._folder: Path | None = None
         self._split_sizes: dict[str, int] = {}
 
@@ -351,7 +374,16 @@ class MedMNISTDataModule(L.LightningDataModule):
         n = self._split_sizes
         if stage in (None, "fit", "validate") and self.data_train is None:
             train_src, val_src = self._fit_sources(n)
-            self.data_train = MedMNISTSplit(self._folder, train_src, make(True), multilabel)
+            on_device = self.hparams.augment_on == "device"
+            if on_device:
+                train_tf, self.batch_augment = build_batch_transforms(
+                    preset, self.img_size, in_chans=self.in_chans, mean=mean, std=std
+                )
+            else:
+                train_tf = make(True)
+            self.data_train = MedMNISTSplit(
+                self._folder, train_src, train_tf, multilabel, return_seed=on_device
+            )
             self.data_val = MedMNISTSplit(self._folder, val_src, make(False), multilabel)
         if stage in (None, "test", "predict") and self.data_test is None:
             test_src = [("test", np.arange(n["test"]))]
@@ -382,6 +414,26 @@ class MedMNISTDataModule(L.LightningDataModule):
             ]
 
         return sources(~in_val), sources(in_val)
+
+    def _carries_seeds(self, batch: Any) -> bool:
+        # Only training batches carry seeds (a 4-tuple); evaluation batches pass through.
+        return (
+            self.batch_augment is not None and isinstance(batch, (list, tuple)) and len(batch) == 4
+        )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Keep the augmentation seeds on the host: parameters are drawn there, without a sync."""
+        if self._carries_seeds(batch):
+            images, target, index, seeds = batch
+            return images, target, index, seeds.numpy()  # the transfer moves tensors only
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``augment_on="device"``, augment training batches where they now are."""
+        if self._carries_seeds(batch):
+            images, target, index, seeds = batch
+            return self.batch_augment(images, torch.as_tensor(seeds)), target, index
+        return batch
 
     def class_counts(self, stage: str = "train") -> np.ndarray:
         """Samples per class (or positives per label) in a split; after :meth:`setup`."""

@@ -37,6 +37,7 @@ __all__ = [
     "MedTransform",
     "build_transforms",
     "preset_for_flag",
+    "validate_image",
 ]
 
 PRESETS: tuple[str, ...] = (
@@ -535,27 +536,7 @@ class MedTransform:
         return np.clip(arr, 0.0, 1.0, out=arr)
 
     def _validate(self, image: Any) -> np.ndarray:
-        if not isinstance(image, np.ndarray):
-            raise ValueError(
-                "expected a numpy.ndarray of dtype uint8 with shape (H, W) or (H, W, 3), got "
-                f"{type(image).__module__}.{type(image).__qualname__}; convert with np.asarray()."
-            )
-        if image.dtype != np.uint8:
-            raise ValueError(f"expected dtype uint8, got {image.dtype} with shape {image.shape}.")
-        if image.ndim == 3 and image.shape[2] == 1:
-            image = image[:, :, 0]
-        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-            raise ValueError(
-                f"expected shape (H, W) or (H, W, 3) (channels last), got {image.shape}."
-            )
-        if image.shape[0] == 0 or image.shape[1] == 0:
-            raise ValueError(f"expected a non-empty image, got shape {image.shape}.")
-        if image.ndim == 3 and self.in_chans == 1:
-            raise ValueError(
-                f"got an RGB image of shape {image.shape} but in_chans=1; "
-                "use in_chans=3 or convert the image to grey."
-            )
-        return image
+        return validate_image(image, self.in_chans)
 
     def __repr__(self) -> str:
         mean = tuple(round(float(m), 4) for m in self._mean)
@@ -570,6 +551,34 @@ class MedTransform:
             f"scale 1/255, normalize(mean={mean}, std={std}))"
         )
         return "\n".join(lines)
+
+
+def validate_image(image: Any, in_chans: int) -> np.ndarray:
+    """Check one input image for a model with ``in_chans`` channels; (H, W, 1) becomes (H, W).
+
+    Raises:
+        ValueError: If it is not a non-empty uint8 (H, W) or (H, W, 3) array, or RGB for
+            ``in_chans=1``.
+    """
+    if not isinstance(image, np.ndarray):
+        raise ValueError(
+            "expected a numpy.ndarray of dtype uint8 with shape (H, W) or (H, W, 3), got "
+            f"{type(image).__module__}.{type(image).__qualname__}; convert with np.asarray()."
+        )
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected dtype uint8, got {image.dtype} with shape {image.shape}.")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise ValueError(f"expected shape (H, W) or (H, W, 3) (channels last), got {image.shape}.")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"expected a non-empty image, got shape {image.shape}.")
+    if image.ndim == 3 and in_chans == 1:
+        raise ValueError(
+            f"got an RGB image of shape {image.shape} but in_chans=1; "
+            "use in_chans=3 or convert the image to grey."
+        )
+    return image
 
 
 def _current_worker_key() -> tuple[int, int] | None:
