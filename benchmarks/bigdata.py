@@ -24,7 +24,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -35,25 +34,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-# ``python benchmarks/X.py`` puts benchmarks/ first on sys.path, where a script could shadow a
-# package of the same name; keep it off the path and load sibling scripts by file path instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _HERE]
-
-
-def _sibling(name: str) -> Any:
-    """Import ``benchmarks/{name}.py`` under a private module name."""
-    key = f"_medvit_benchmarks_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, _HERE / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
-_pipeline = _sibling("pipeline")
-machine_info, write_synthetic_npz = _pipeline.machine_info, _pipeline.write_synthetic_npz
+# ``python benchmarks/X.py`` puts benchmarks/ first on sys.path, so sibling scripts import by
+# name; that is also why no script may share a package's name (no benchmarks/medmnist.py).
+from pipeline import machine_info, write_synthetic_npz  # noqa: E402
 
 MIB = 2**20
 

@@ -33,11 +33,6 @@ from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-# ``python benchmarks/pipeline.py`` puts benchmarks/ first on sys.path, where a script could
-# shadow a package of the same name.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _HERE]
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from medmnist import INFO  # noqa: E402

@@ -30,7 +30,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
@@ -46,26 +45,9 @@ from typing import Any  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-# ``python benchmarks/X.py`` puts benchmarks/ first on sys.path, where a script could shadow a
-# package of the same name; keep it off the path and load sibling scripts by file path instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _HERE]
-
-
-def _sibling(name: str) -> Any:
-    """Import ``benchmarks/{name}.py`` under a private module name."""
-    key = f"_medvit_benchmarks_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, _HERE / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
-_pipeline = _sibling("pipeline")
-SIZES, ensure_data = _pipeline.SIZES, _pipeline.ensure_data
-machine_info, measure_pipeline = _pipeline.machine_info, _pipeline.measure_pipeline
+# ``python benchmarks/X.py`` puts benchmarks/ first on sys.path, so sibling scripts import by
+# name; that is also why no script may share a package's name (no benchmarks/medmnist.py).
+from pipeline import SIZES, ensure_data, machine_info, measure_pipeline  # noqa: E402
 
 MODELS = {
     "vit_tiny": "vit_tiny_patch16_224",

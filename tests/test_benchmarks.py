@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -19,14 +19,10 @@ BENCH = REPO / "benchmarks"
 
 
 def load(name: str) -> ModuleType:
-    """Import ``benchmarks/{name}.py`` (benchmarks/ is scripts, not a package)."""
-    key = f"_medvit_benchmarks_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    """Import ``benchmarks/{name}.py`` as its sibling scripts do (benchmarks/ is not a package)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
 
 
 @pytest.fixture(autouse=True)
