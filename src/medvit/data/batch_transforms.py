@@ -79,6 +79,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+_IMAGE_STREAMS = 1 << 20  # offset of the streams that seed noise images
 _GENERATORS: dict[torch.device, torch.Generator] = {}
 
 
@@ -129,7 +130,9 @@ class BatchRandom:
     ) -> torch.Tensor:
         out = torch.empty((len(self.seeds), *shape), device=device)
         gen = _generator(torch.device(device))
-        for row, key in enumerate(self._bits(stream, 1)[:, 0].tolist()):
+        # A stream of its own, so the generator's seed is not the op's firing coin.
+        keys = self._bits(stream + _IMAGE_STREAMS, 1)[:, 0]
+        for row, key in enumerate(keys.tolist()):
             gen.manual_seed(key)
             fill(out[row], gen)
         return out
