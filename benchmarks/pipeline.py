@@ -231,7 +231,12 @@ def measure_pipeline(
         loader.sampler.set_epoch(epoch)
         for batch in loader:
             t_dev = time.perf_counter()
-            batch = [b.to(dev, non_blocking=pin_memory) for b in batch]
+            # The hooks and the transfer in Lightning's order (seeds stay on the host).
+            batch = dm.on_before_batch_transfer(batch, 0)
+            batch = [
+                b.to(dev, non_blocking=pin_memory) if isinstance(b, torch.Tensor) else b
+                for b in batch
+            ]
             x = dm.on_after_batch_transfer(batch, 0)[0]
             sync()
             if seen >= warmup_batches:

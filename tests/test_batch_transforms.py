@@ -266,6 +266,10 @@ def test_datamodule_augments_training_batches_on_the_device(synthetic_root, tmp_
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
     assert torch.equal(y, target) and torch.equal(i, index)
     assert torch.equal(x, dm.batch_augment(images, seeds))
+    # In Lightning's order the seeds skip the transfer (a numpy array) and give the same batch.
+    before = dm.on_before_batch_transfer((images, target, index, seeds), 0)
+    assert isinstance(before[3], np.ndarray) and before[0] is images
+    assert torch.equal(dm.on_after_batch_transfer(before, 0)[0], x)
     # Evaluation batches are untouched and equal to the per-image path's.
     workers = MedMNISTDataModule(augment_on="workers", **common)
     workers.setup("fit")

@@ -195,3 +195,34 @@ def test_ddp_test_of_a_checkpoint_is_exact_on_an_odd_test_split(
     np.testing.assert_array_equal(p2["index"], np.arange(31))
     np.testing.assert_array_equal(p1["target"], p2["target"])
     np.testing.assert_allclose(p1["probs"], p2["probs"], rtol=0, atol=1e-6)
+
+
+def test_ddp_with_augmentation_on_the_device_matches_one_process(
+    synthetic_root, tmp_path: Path
+) -> None:
+    # Each rank augments its half of the global batch on its own device; every image's
+    # parameters and noise come from its own seed, so the two halves equal the whole batch.
+    root = synthetic_root("breastmnist", n=(64, 20, 20))
+    args = [
+        "fit",
+        *FIT_ARGS,
+        f"--data.root={root}",
+        "--data.verify_md5=false",
+        "--data.download=false",
+        f"--data.cache_dir={tmp_path / 'mmap'}",
+        "--data.augment_on=device",
+        "--data.augmentation=ultrasound",  # flip, affine, speckle and Rician noise, blur, gamma
+    ]
+    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    run_medvit([*args, f"--run.dir={one}"], cwd=tmp_path)
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp"]
+    run_medvit([*args, *ddp, f"--run.dir={two}"], cwd=tmp_path)
+
+    assert json.loads((two / "meta.json").read_text())["world_size"] == 2
+    _assert_close(_metrics(one)["val"], _metrics(two)["val"], METRIC_TOL, "val")
+    a = _state_dict(one / "checkpoints" / "best.ckpt")
+    b = _state_dict(two / "checkpoints" / "best.ckpt")
+    diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert diff <= WEIGHT_TOL, f"best weights differ by {diff} (max abs)"
+    ckpt = torch.load(one / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2  # 64 images, global batch 32
