@@ -186,3 +186,43 @@ def test_gpu_check_script_runs_on_cpu(tmp_path: Path) -> None:
     runs = [(r["augment_on"], r["num_workers"]) for r in pipe["results"]]
     assert runs == [("workers", 0), ("workers", 2), ("device", 0), ("device", 2)]
     assert "| test_vit | 32 | 16 | 8 | bf16-mixed | no | cpu |" in proc.stdout
+
+
+# ------------------------------------------------------------------------- medmnist table
+@pytest.mark.slow
+def test_medmnist_table_runs_seeds_side_by_side_and_reuses_finished_runs(
+    synthetic_root, tmp_path: Path
+) -> None:
+    root = synthetic_root("breastmnist", n=(32, 16, 16))
+    out = tmp_path / "table"
+    tiny = [
+        f"--data.root={root}",
+        "--data.verify_md5=false",
+        f"--data.cache_dir={tmp_path / 'mmap'}",
+        "--data.num_workers=0",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+    ]
+    table = load("medmnist_table")
+    args = ["--flags", "breastmnist", "--seeds", "0", "1", "--jobs", "2", "--out", str(out)]
+    table.main([*args, *tiny])
+
+    runs = [
+        json.loads((out / "runs" / f"breastmnist-seed{s}" / "metrics.json").read_text())
+        for s in (0, 1)
+    ]
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["extra_args"] == tiny
+    assert [r["seed"] for r in summary["results"]["breastmnist"]] == [0, 1]
+    for row, run in zip(summary["results"]["breastmnist"], runs, strict=True):
+        assert row["test"] == run["test"]
+    markdown = (out / "table.md").read_text()
+    aucs = [r["test"]["auroc"] for r in runs]
+    mean = f"{np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}"
+    assert f"| breastmnist | **medvit default (ViT-Tiny/4, scratch)** | {mean} |" in markdown
+    assert "| breastmnist | ResNet-18 (28) | 0.901 | 0.863 | |" in markdown
+    assert "| breastmnist | goal (ResNet-18 (28)) |" in markdown
+    # A finished run is read back, not trained again.
+    logs = {p: p.stat().st_mtime_ns for p in (out / "logs").iterdir()}
+    table.main([*args, *tiny])
+    assert {p: p.stat().st_mtime_ns for p in (out / "logs").iterdir()} == logs
