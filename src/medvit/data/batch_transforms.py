@@ -15,7 +15,8 @@ refused when it is built, so the two paths cannot drift apart silently. Outputs 
 worker path but not bit-identical:
 - intermediate results stay float instead of being rounded to uint8 after each
   albumentations op;
-- resampling is ``grid_sample``/``interpolate`` instead of OpenCV;
+- the affine warp is ``grid_sample`` instead of OpenCV's ``warpAffine`` (the final resize does
+  equal OpenCV's);
 - ColorJitter applies its four parts in a fixed order where albumentations shuffles them.
 
 Randomness is per sample. The training sampler gives each sample a seed that is a function of
@@ -289,6 +290,20 @@ def gaussian_smooth(
     y = F.conv2d(F.pad(y, (0, 0, tail, tail)), k_h[:, None, :, None], groups=b * c)
     y = F.conv2d(F.pad(y, (tail, tail, 0, 0)), k_w[:, None, None, :], groups=b * c)
     return y.view(b, c, h, w)
+
+
+def area_matrix(n_in: int, n_out: int, device: torch.device | None = None) -> torch.Tensor:
+    """(n_out, n_in) weights of OpenCV's INTER_AREA shrink along one axis.
+
+    Each output pixel averages the input pixels under it, weighted by how much of each it
+    covers; ``F.interpolate(mode="area")`` instead pools whole pixels, which differs for
+    non-integer factors.
+    """
+    scale = n_in / n_out
+    lo = torch.arange(n_out, dtype=torch.float64, device=device)[:, None] * scale
+    j = torch.arange(n_in, dtype=torch.float64, device=device)[None, :]
+    overlap = (torch.minimum(lo + scale, j + 1) - torch.maximum(lo, j)).clamp(min=0)
+    return (overlap / scale).to(torch.float32)
 
 
 def _legendre(n: int, degree: int, device: torch.device) -> torch.Tensor:
@@ -674,14 +689,14 @@ class BatchAugment(torch.nn.Module):
         x = images.to(torch.float32) / 255.0
         for i, op in enumerate(self.ops):
             x = op(x, rng, stream=i)
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            shrink = x.shape[-2] * x.shape[-1] > self.img_size**2
-            x = F.interpolate(
-                x,
-                size=(self.img_size, self.img_size),
-                mode="area" if shrink else "bilinear",
-                align_corners=None if shrink else False,
-            )
+        h, w = x.shape[-2:]
+        if (h, w) != (self.img_size, self.img_size):
+            if h * w > self.img_size**2:
+                rows = area_matrix(h, self.img_size, x.device)  # (S, H)
+                cols = area_matrix(w, self.img_size, x.device)  # (S, W)
+                x = rows @ x @ cols.T  # (B, C, S, S)
+            else:  # the same half-pixel bilinear as OpenCV's INTER_LINEAR
+                x = F.interpolate(x, (self.img_size, self.img_size), mode="bilinear")
         if x.shape[1] != self.in_chans:
             x = x.expand(-1, self.in_chans, -1, -1)
         mean = self.mean.to(x.device)
