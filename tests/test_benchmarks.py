@@ -40,6 +40,7 @@ def test_throughput_reports_fit_and_bare_rates(tmp_path: Path) -> None:
     args += ["--steps", "2", "--warmup", "1", "--repeats", "2", "--threads", "1"]
     args += ["--progress-bar", "false", "--out", str(out), "--markdown", str(md)]
     args += ["--pipeline-workers", "0", "--pipeline-batches", "2", "--pipeline-samples", "16"]
+    args += ["--pipeline-augment-on", "device"]
     report = load("throughput").main(args)
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(report, default=str))
@@ -63,6 +64,12 @@ def test_throughput_reports_fit_and_bare_rates(tmp_path: Path) -> None:
     pipe = r["pipeline"]
     assert pipe["images_per_s"] > 0 and pipe["batch_shape"] == [4, 3, 32, 32]
     assert pipe["over_model_rate"] == pytest.approx(pipe["images_per_s"] / r["fit"]["images_per_s"])
+    # Augmenting on the training device takes that time from the model's steps.
+    assert pipe["augment_on"] == "device" and pipe["device"] == "cpu"
+    step_ms = 1000 * 4 / r["fit"]["images_per_s"]
+    assert pipe["on_device_share_of_step"] == pytest.approx(
+        pipe["on_device_ms_per_batch"] / step_ms
+    )
     row = md.read_text().strip()
     header = load("throughput").MARKDOWN_HEADER.splitlines()[0]
     assert row.count("|") == header.count("|") and "| test_vit | 32 | 16 | 4 |" in row
