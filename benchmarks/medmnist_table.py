@@ -44,6 +44,7 @@ REFERENCE = {
     },
 }
 GOAL = "ResNet-18 (28)"
+GOAL_SEEDS = 3
 
 
 def run_one(flag: str, seed: int, out: Path, extra: list[str], threads: int | None = None) -> dict:
@@ -109,7 +110,10 @@ def table(results: dict[str, list[dict]]) -> str:
         goal = REFERENCE.get(flag, {}).get(GOAL)
         if goal is not None:
             met = statistics.mean(auc) >= goal[0] and statistics.mean(acc) >= goal[1]
-            lines.append(f"| {flag} | goal ({GOAL}) | {'met' if met else 'not met'} | | |")
+            verdict = "met" if met else "not met"
+            if len(runs) < GOAL_SEEDS:  # one lucky seed is not the goal
+                verdict += f" on {len(runs)} seed(s); the goal is a mean over {GOAL_SEEDS}"
+            lines.append(f"| {flag} | goal ({GOAL}) | {verdict} | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -229,6 +229,7 @@ def test_medmnist_table_runs_seeds_side_by_side_and_reuses_finished_runs(
     assert f"| breastmnist | **medvit default (ViT-Tiny/4, scratch)** | {mean} |" in markdown
     assert "| breastmnist | ResNet-18 (28) | 0.901 | 0.863 | |" in markdown
     assert "| breastmnist | goal (ResNet-18 (28)) |" in markdown
+    assert "on 2 seed(s); the goal is a mean over 3 |" in markdown
     # A finished run is read back, not trained again.
     logs = {p: p.stat().st_mtime_ns for p in (out / "logs").iterdir()}
     table.main([*args, *tiny])
