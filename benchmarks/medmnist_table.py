@@ -10,8 +10,8 @@ Example (the numbers in benchmarks/RESULTS.md):
 
 ``--jobs N`` runs N fits at once, each with ``OMP_NUM_THREADS`` = cores / N. It pays only where
 one run leaves cores idle (many cores, small batches). On the 2-core CI machine, 3 jobs of the
-PneumoniaMNIST recipe (batch 64, one DataLoader worker each) trained about 3x slower in total
-than one run after another.
+PneumoniaMNIST recipe (batch 64, one DataLoader worker each) trained about 38 images/s in total,
+no more than one run alone.
 """
 
 from __future__ import annotations
