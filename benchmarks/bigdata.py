@@ -24,7 +24,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -36,7 +35,7 @@ from typing import Any  # noqa: E402
 
 # ``python benchmarks/X.py`` puts benchmarks/ first on sys.path, so sibling scripts import by
 # name; that is also why no script may share a package's name (no benchmarks/medmnist.py).
-from pipeline import machine_info, write_synthetic_npz  # noqa: E402
+from pipeline import machine_info, write_report, write_synthetic_npz  # noqa: E402
 
 MIB = 2**20
 
@@ -306,8 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": rows,
     }
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.out, report)
     return report
 
 

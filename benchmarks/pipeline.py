@@ -138,14 +138,14 @@ def make_datamodule(
     size: int,
     batch_size: int,
     num_workers: int,
-    img_size: int | None = None,
-    in_chans: int | None = None,
-    augmentation: str | None = None,
     cache_dir: str | os.PathLike | None = None,
-    pin_memory: bool = False,
-    augment_on: str = "workers",
+    **options: Any,
 ) -> Any:
-    """medvit's DataModule on a local file (no download, no MD5: synthetic files are allowed)."""
+    """medvit's DataModule on a local file (no download, no MD5: synthetic files are allowed).
+
+    ``options`` are further ``MedMNISTDataModule`` arguments (``img_size``, ``augmentation``,
+    ``augment_on``, ``pin_memory``, ...).
+    """
     from medvit.data.medmnist import MedMNISTDataModule
 
     return MedMNISTDataModule(
@@ -154,14 +154,10 @@ def make_datamodule(
         root=str(root),
         global_batch_size=batch_size,
         num_workers=num_workers,
-        img_size=img_size,
-        in_chans=in_chans,
-        augmentation=augmentation,
         download=False,
         verify_md5=False,
         cache_dir=str(cache_dir) if cache_dir is not None else None,
-        pin_memory=pin_memory,
-        augment_on=augment_on,
+        **options,
     )
 
 
@@ -173,38 +169,22 @@ def measure_pipeline(
     num_workers: int,
     batches: int = 30,
     warmup_batches: int = 3,
-    img_size: int | None = None,
-    in_chans: int | None = None,
-    augmentation: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    pin_memory: bool = False,
-    augment_on: str = "workers",
     device: str = "cpu",
+    **options: Any,
 ) -> dict[str, Any]:
     """Images per second of medvit's training data path alone, up to batches on ``device``.
 
     Read + augment + collate in the workers, then the move to ``device`` and, with
     ``augment_on="device"``, the batched augmentation there. The first ``warmup_batches``
     (worker start-up, page-cache misses) are not timed; the loader runs as many epochs as needed
-    to deliver ``batches`` timed batches.
+    to deliver ``batches`` timed batches. ``options`` go to :func:`make_datamodule`.
     """
     if batches < 1 or warmup_batches < 0:
         raise ValueError(
             f"batches must be >= 1 and warmup_batches >= 0, got {batches}, {warmup_batches}."
         )
-    dm = make_datamodule(
-        root,
-        flag,
-        size,
-        batch_size,
-        num_workers,
-        img_size,
-        in_chans,
-        augmentation,
-        cache_dir,
-        pin_memory,
-        augment_on,
-    )
+    dm = make_datamodule(root, flag, size, batch_size, num_workers, **options)
+    pin_memory = dm.hparams.pin_memory
     dev = torch.device(device)
 
     def sync() -> None:
@@ -263,7 +243,7 @@ def measure_pipeline(
         "img_size": dm.img_size,
         "in_chans": dm.in_chans,
         "augmentation": dm.hparams.augmentation or _preset(flag),
-        "augment_on": augment_on,
+        "augment_on": dm.hparams.augment_on,
         "device": str(dev),
         "batch_size": batch_size,
         "num_workers": num_workers,
@@ -278,6 +258,12 @@ def measure_pipeline(
         "first_batch_s": first_batch_s,
         "prepare_s": unpack_s,
     }
+
+
+def write_report(path: str | os.PathLike, report: dict[str, Any]) -> None:
+    """A benchmark's report as indented JSON (values JSON lacks, such as paths, as strings)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 def _preset(flag: str) -> str:
@@ -393,8 +379,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in results:
         print(markdown_row(r))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.out, report)
     return report
 
 

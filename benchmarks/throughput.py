@@ -30,7 +30,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import json  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -47,7 +46,7 @@ import torch  # noqa: E402
 
 # ``python benchmarks/X.py`` puts benchmarks/ first on sys.path, so sibling scripts import by
 # name; that is also why no script may share a package's name (no benchmarks/medmnist.py).
-from pipeline import SIZES, ensure_data, machine_info, measure_pipeline  # noqa: E402
+from pipeline import SIZES, ensure_data, machine_info, measure_pipeline, write_report  # noqa: E402
 
 MODELS = {
     "vit_tiny": "vit_tiny_patch16_224",
@@ -604,8 +603,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{r['fused_attention']}, fused AdamW {r['fused_adamw']}"
     )
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_report(args.out, report)
     if args.markdown:
         with open(args.markdown, "a") as fh:
             fh.write(markdown_row(report) + "\n")
