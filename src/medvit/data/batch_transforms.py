@@ -46,10 +46,9 @@ from medvit.data.transforms import (
     _HE_FROM_RGB,
     _PRESET_OPS,
     _RGB_FROM_HE,
-    PRESETS,
     HEDJitter,
     _OpSpec,
-    _stats,
+    check_output_args,
     validate_image,
 )
 
@@ -331,21 +330,33 @@ def bias_field(x: torch.Tensor, coeff: torch.Tensor, degree: int) -> torch.Tenso
 class BatchOp:
     """One random op of a preset on (B, C, H, W) float batches in [0, 1].
 
-    Each image fires with probability ``p``. ``draw`` is the number of per-image uniforms that
-    ``apply`` turns into the op's parameters. ``colour`` ops skip grey batches, as the worker
-    path drops them for grey images.
+    Each image fires with probability ``p``; ``fn(x, u, rng, stream)`` transforms the images that
+    fire, ``u`` holding ``draw`` uniforms per image for the op's parameters.
+
+    Args:
+        name: the library op's class name, for messages and ``repr``.
+        p: probability that an image is transformed.
+        draw: per-image uniforms ``fn`` needs.
+        fn: the batched op.
+        clip: clamp the result to [0, 1]; geometric ops cannot leave it.
+        colour: an RGB-only op; grey batches pass through, as the worker path drops it for grey.
     """
 
-    draw = 0
-    colour = False
-    clip = True  # geometric ops cannot leave [0, 1]
-
-    def __init__(self, name: str, p: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        p: float,
+        draw: int,
+        fn: Callable[..., torch.Tensor],
+        clip: bool = True,
+        colour: bool = False,
+    ) -> None:
         self.name = name
         self.p = float(p)
-
-    def apply(self, x: torch.Tensor, u: torch.Tensor, rng: BatchRandom, stream: int) -> Any:
-        raise NotImplementedError
+        self.draw = draw
+        self.fn = fn
+        self.clip = clip
+        self.colour = colour
 
     def __call__(self, x: torch.Tensor, rng: BatchRandom, stream: int) -> torch.Tensor:
         if self.colour and x.shape[1] != 3:
@@ -357,26 +368,11 @@ class BatchOp:
         # Host-side indices: only the chosen images are computed, with no device sync.
         idx = rows.to(x.device, non_blocking=True)
         params = u[rows, 1:].to(x.device, non_blocking=True)
-        out = self.apply(x.index_select(0, idx), params, rng.subset(rows), stream)
+        out = self.fn(x.index_select(0, idx), params, rng.subset(rows), stream)
         return x.index_copy(0, idx, out.clamp(0.0, 1.0) if self.clip else out)
 
     def __repr__(self) -> str:
         return f"{self.name}(p={self.p})"
-
-
-class _Fn(BatchOp):
-    """An op given as a function of the batch and its uniforms."""
-
-    def __init__(
-        self, name: str, p: float, draw: int, fn: Callable[..., torch.Tensor], clip: bool = True
-    ) -> None:
-        super().__init__(name, p)
-        self.draw = draw
-        self.clip = clip
-        self._fn = fn
-
-    def apply(self, x: torch.Tensor, u: torch.Tensor, rng: BatchRandom, stream: int) -> Any:
-        return self._fn(x, u, rng, stream)
 
 
 def _range(value: Any, name: str, op: str) -> tuple[float, float]:
@@ -399,7 +395,7 @@ def _require(op: Any, name: str, **expected: Any) -> None:
 
 def _flip(dim: int) -> Callable[[Any, str], BatchOp]:
     def build(op: Any, name: str) -> BatchOp:
-        return _Fn(name, op.p, 0, lambda x, u, rng, s: x.flip(dim), clip=False)
+        return BatchOp(name, op.p, 0, lambda x, u, rng, s: x.flip(dim), clip=False)
 
     return build
 
@@ -408,7 +404,7 @@ def _rotate90(op: Any, name: str) -> BatchOp:
     def fn(x: torch.Tensor, u: torch.Tensor, rng: BatchRandom, s: int) -> torch.Tensor:
         return rot90(x, (u[:, 0] * 4).long().clamp(max=3))  # k in {0, 1, 2, 3}, as albumentations
 
-    return _Fn(name, op.p, 1, fn, clip=False)
+    return BatchOp(name, op.p, 1, fn, clip=False)
 
 
 def _affine(op: Any, name: str) -> BatchOp:
@@ -448,7 +444,7 @@ def _affine(op: Any, name: str) -> BatchOp:
             fill,
         )
 
-    return _Fn(name, op.p, 5, fn)
+    return BatchOp(name, op.p, 5, fn)
 
 
 def _multiplicative_noise(op: Any, name: str) -> BatchOp:
@@ -461,7 +457,7 @@ def _multiplicative_noise(op: Any, name: str) -> BatchOp:
         shape = (c if per_channel else 1, h, w) if elementwise else (c if per_channel else 1, 1, 1)
         return x * rng.field(s, shape, lo, hi, x.device)
 
-    return _Fn(name, op.p, 0, fn)
+    return BatchOp(name, op.p, 0, fn)
 
 
 def _brightness_contrast(op: Any, name: str) -> BatchOp:
@@ -474,7 +470,7 @@ def _brightness_contrast(op: Any, name: str) -> BatchOp:
         beta = _between(u[:, 0], b_lo, b_hi)
         return x * _per_sample(alpha) + _per_sample(beta)
 
-    return _Fn(name, op.p, 2, fn)
+    return BatchOp(name, op.p, 2, fn)
 
 
 def _color_jitter(op: Any, name: str) -> BatchOp:
@@ -485,9 +481,7 @@ def _color_jitter(op: Any, name: str) -> BatchOp:
         b, c, sat = (_between(u[:, i], *r) for i, r in enumerate(ranges))
         return color_jitter(x, b, c, sat, _between(u[:, 3], *hue))
 
-    out = _Fn(name, op.p, 4, fn)
-    out.colour = True
-    return out
+    return BatchOp(name, op.p, 4, fn, colour=True)
 
 
 def _hed_jitter(op: Any, name: str) -> BatchOp:
@@ -497,21 +491,21 @@ def _hed_jitter(op: Any, name: str) -> BatchOp:
     def fn(x: torch.Tensor, u: torch.Tensor, rng: BatchRandom, s: int) -> torch.Tensor:
         return hed_jitter(x, _between(u[:, :2], *scale), _between(u[:, 2:], *shift))
 
-    out = _Fn(name, op.p, 4, fn)
-    out.colour = True
-    return out
+    return BatchOp(name, op.p, 4, fn, colour=True)
 
 
 def _adjust_contrast(op: Any, name: str) -> BatchOp:
     _require(op, name, invert_image=False, retain_stats=False)
     gamma = _range(op.gamma, "gamma", name)
-    return _Fn(name, op.prob, 1, lambda x, u, rng, s: adjust_contrast(x, _between(u[:, 0], *gamma)))
+    return BatchOp(
+        name, op.prob, 1, lambda x, u, rng, s: adjust_contrast(x, _between(u[:, 0], *gamma))
+    )
 
 
 def _scale_intensity(op: Any, name: str) -> BatchOp:
     _require(op, name, channel_wise=False)
     lo, hi = _range(op.factors, "factors", name)
-    return _Fn(
+    return BatchOp(
         name, op.prob, 1, lambda x, u, rng, s: x * _per_sample(1.0 + _between(u[:, 0], lo, hi))
     )
 
@@ -519,7 +513,9 @@ def _scale_intensity(op: Any, name: str) -> BatchOp:
 def _shift_intensity(op: Any, name: str) -> BatchOp:
     _require(op, name, channel_wise=False)
     lo, hi = _range(op.offsets, "offsets", name)
-    return _Fn(name, op.prob, 1, lambda x, u, rng, s: x + _per_sample(_between(u[:, 0], lo, hi)))
+    return BatchOp(
+        name, op.prob, 1, lambda x, u, rng, s: x + _per_sample(_between(u[:, 0], lo, hi))
+    )
 
 
 def _gaussian_noise(op: Any, name: str) -> BatchOp:
@@ -531,7 +527,7 @@ def _gaussian_noise(op: Any, name: str) -> BatchOp:
         sd = _per_sample(_between(u[:, 0], 0.0, std))
         return x + mean + sd * rng.normal(s, x.shape[1:], x.device)
 
-    return _Fn(name, op.prob, 1, fn)
+    return BatchOp(name, op.prob, 1, fn)
 
 
 def _rician_noise(op: Any, name: str) -> BatchOp:
@@ -543,7 +539,7 @@ def _rician_noise(op: Any, name: str) -> BatchOp:
         n = rng.normal(s, (2, *x.shape[1:]), x.device)  # (B, 2, C, H, W)
         return torch.sqrt((x + mean + sd * n[:, 0]) ** 2 + (mean + sd * n[:, 1]) ** 2)
 
-    return _Fn(name, op.prob, 1, fn)
+    return BatchOp(name, op.prob, 1, fn)
 
 
 def _gaussian_smooth(op: Any, name: str) -> BatchOp:
@@ -556,7 +552,7 @@ def _gaussian_smooth(op: Any, name: str) -> BatchOp:
         # sigma_x is MONAI's first spatial axis (rows), sigma_y the second.
         return gaussian_smooth(x, _between(u[:, 0], *sx), _between(u[:, 1], *sy), tail)
 
-    return _Fn(name, op.prob, 2, fn)
+    return BatchOp(name, op.prob, 2, fn)
 
 
 def _bias_field(op: Any, name: str) -> BatchOp:
@@ -567,7 +563,7 @@ def _bias_field(op: Any, name: str) -> BatchOp:
     def fn(x: torch.Tensor, u: torch.Tensor, rng: BatchRandom, s: int) -> torch.Tensor:
         return bias_field(x, _between(u, lo, hi), degree)
 
-    return _Fn(name, op.prob, n_coeff, fn)
+    return BatchOp(name, op.prob, n_coeff, fn)
 
 
 # Library op -> builder of its batched version, reading the ranges off the library's instance.
@@ -644,21 +640,12 @@ class BatchAugment(torch.nn.Module):
         std: Sequence[float] = (0.5,),
     ) -> None:
         super().__init__()
-        if preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
-        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 8:
-            raise ValueError(f"img_size must be an int >= 8, got {img_size!r}.")
-        if isinstance(in_chans, bool) or in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}.")
-        std_arr = _stats("std", std, in_chans)
-        if np.any(std_arr <= 0):
-            raise ValueError(f"std must be > 0, got {std!r}.")
-        self.preset, self.img_size, self.in_chans = preset, img_size, in_chans
+        mean_arr, inv_std = check_output_args(preset, img_size, in_chans, mean, std)
+        self.preset, self.img_size, self.in_chans = preset, int(img_size), int(in_chans)
         self.ops = [translate(spec) for spec in _PRESET_OPS[preset]]
-        mean_arr = _stats("mean", mean, in_chans)
         self.register_buffer("mean", torch.from_numpy(mean_arr).view(1, -1, 1, 1), persistent=False)
         self.register_buffer(
-            "inv_std", torch.from_numpy(1.0 / std_arr).view(1, -1, 1, 1), persistent=False
+            "inv_std", torch.from_numpy(inv_std).view(1, -1, 1, 1), persistent=False
         )
 
     @torch.no_grad()

@@ -36,6 +36,7 @@ __all__ = [
     "PRESETS",
     "MedTransform",
     "build_transforms",
+    "check_output_args",
     "preset_for_flag",
     "validate_image",
 ]
@@ -349,6 +350,30 @@ def _stats(name: str, values: Sequence[float], in_chans: int) -> np.ndarray:
     return arr
 
 
+def check_output_args(
+    preset: str, img_size: Any, in_chans: Any, mean: Sequence[float], std: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check what every transform of a preset shares; returns float32 ``(mean, 1 / std)``.
+
+    Raises:
+        ValueError: On an unknown preset, ``img_size`` not an int >= 8, ``in_chans`` not 1 or 3,
+            or ``mean``/``std`` of the wrong length, not finite, or (std) not positive.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+    if isinstance(img_size, bool) or not isinstance(img_size, (int, np.integer)):
+        raise ValueError(f"img_size must be an int >= {_MIN_IMG_SIZE}, got {img_size!r}.")
+    if img_size < _MIN_IMG_SIZE:
+        raise ValueError(f"img_size must be >= {_MIN_IMG_SIZE}, got {img_size}.")
+    if isinstance(in_chans, bool) or in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}.")
+    mean_arr = _stats("mean", mean, int(in_chans))
+    std_arr = _stats("std", std, int(in_chans))
+    if np.any(std_arr <= 0):
+        raise ValueError(f"std must be > 0, got {std!r}.")
+    return mean_arr, (1.0 / std_arr).astype(np.float32)
+
+
 class MedTransform:
     """Callable uint8 image -> normalised float32 tensor, with optional modality augmentation.
 
@@ -387,23 +412,11 @@ class MedTransform:
         std: Sequence[float] = (0.5,),
         seed: int | None = None,
     ) -> None:
-        if preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
-        if isinstance(img_size, bool) or not isinstance(img_size, (int, np.integer)):
-            raise ValueError(f"img_size must be an int >= {_MIN_IMG_SIZE}, got {img_size!r}.")
-        if img_size < _MIN_IMG_SIZE:
-            raise ValueError(f"img_size must be >= {_MIN_IMG_SIZE}, got {img_size}.")
-        if isinstance(in_chans, bool) or in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}.")
+        self._mean, self._inv_std = check_output_args(preset, img_size, in_chans, mean, std)
         self.preset = preset
         self.train = bool(train)
         self.img_size = int(img_size)
         self.in_chans = int(in_chans)
-        self._mean = _stats("mean", mean, self.in_chans)
-        std_arr = _stats("std", std, self.in_chans)
-        if np.any(std_arr <= 0):
-            raise ValueError(f"std must be > 0, got {std!r}.")
-        self._inv_std = (1.0 / std_arr).astype(np.float32)
 
         specs = _PRESET_OPS[preset] if self.train else ()
         self._specs = specs
