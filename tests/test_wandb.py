@@ -13,7 +13,6 @@ import pytest
 import yaml
 from PIL import Image
 
-import medvit.cli
 from medvit.cli import main
 from medvit.wandb_logging import REDACTED, WandbTestMedia, redact_paths
 
@@ -28,12 +27,6 @@ QUICK = [
     "--data.global_batch_size=8",
     "--model.patch_size=7",
 ]
-# Until cli.py registers the callback in its trainer defaults, add it on the command line.
-MEDIA_CALLBACK = (
-    []
-    if "WandbTestMedia" in Path(medvit.cli.__file__).read_text()
-    else ["--trainer.callbacks+=medvit.wandb_logging.WandbTestMedia"]
-)
 
 
 # ------------------------------------------------------------------------- offline run reader
@@ -129,7 +122,6 @@ def _fit(tmp_path: Path, root: Path, name: str, *extra: str) -> Path:
             "--wandb.enabled=true",
             "--wandb.mode=offline",
             *QUICK,
-            *MEDIA_CALLBACK,
             *extra,
         ]
     )
