@@ -686,9 +686,9 @@ class BatchAugment(torch.nn.Module):
                 x = F.interpolate(x, (self.img_size, self.img_size), mode="bilinear")
         if x.shape[1] != self.in_chans:
             x = x.expand(-1, self.in_chans, -1, -1)
-        mean = self.mean.to(x.device)
-        inv_std = self.inv_std.to(x.device)
-        return ((x - mean) * inv_std).contiguous()
+        if self.mean.device != x.device:
+            self.to(x.device)  # once: the DataModule is not a module, so nothing moves us
+        return ((x - self.mean) * self.inv_std).contiguous()
 
     def extra_repr(self) -> str:
         ops = ", ".join(map(repr, self.ops))
