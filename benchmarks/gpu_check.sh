@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One prepared GPU check on one H100/H200, capped at BUDGET_S (420 s) after the installs:
+# One prepared GPU check on one H100/H200, capped at BUDGET_S (480 s) after the installs:
 #   - throughput.py for vit_tiny / vit_small / vit_base at 224 px, bf16-mixed, without and with
-#     torch.compile: fit vs bare images/s, step time, peak memory, MFU vs the bf16 dense peak;
+#     torch.compile: fit vs bare images/s, step time, peak memory, MFU vs the bf16 dense peak,
+#     and a torch.profiler summary (top kernels, GPU busy share) of both paths for ViT-B and -Ti;
+#   - the progress bar's cost: ViT-Ti with the bar refreshed every step, every 10 (the default)
+#     and off;
 #   - the 224 px data pipeline (pathmnist preset) with 8 and 16 workers, next to the model rates,
 #     with augmentation in the workers and on the GPU (batched, after the transfer).
 # Results go to $OUT (default /tmp/gpu_check_out): one JSON per run (throughput_*.json,
 # pipeline.json), throughput.md, env.txt (GPU, versions, what had to be installed) and logs/.
-# Order: pipeline, then ViT-B (the MFU goal), ViT-S, ViT-Ti, each without then with compile.
+# Order: pipeline, ViT-B (the MFU goal) without/with compile, the progress-bar runs, ViT-S, ViT-Ti.
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
 #   bash benchmarks/gpu_check.sh --cpu           # the same flow on CPU with a tiny config
@@ -34,7 +37,7 @@ WHEELS=(
   "albucore=albucore==0.0.24"
   "simsimd=simsimd==6.5.16"
   "stringzilla=stringzilla==5.3.2"
-  "cv2=opencv-python-headless==4.11.0.86"
+  "cv2=opencv-python-headless==4.11.0.86"  # the GPU image has it: carry it only if it lacks it
   "pydantic=pydantic==2.14.4"
   "pydantic_core=pydantic_core==2.50.5"
   "annotated_types=annotated_types==0.8.0"
@@ -94,48 +97,63 @@ fi
 
 if [ "$MODE" = gpu ]; then
   # Most important first: ViT-B/16 is the MFU goal; the budget may cut the tail.
-  MODELS=("vit_base 256" "vit_small 256" "vit_tiny 512")
-  COMPILE=(no yes)
+  # name | model | batch | extra throughput.py flags
+  RUNS=(
+    "vit_base_compile-no|vit_base|256|--profile-steps 5"
+    "vit_base_compile-yes|vit_base|256|--compile --profile-steps 5"
+    "vit_tiny_compile-no|vit_tiny|512|--profile-steps 5"
+    "vit_tiny_compile-no_bar-1|vit_tiny|512|--progress-bar-refresh 1"
+    "vit_tiny_compile-no_bar-off|vit_tiny|512|--progress-bar false"
+    "vit_small_compile-no|vit_small|256|"
+    "vit_small_compile-yes|vit_small|256|--compile"
+    "vit_tiny_compile-yes|vit_tiny|512|--compile"
+  )
   RUN=(--img-size 224 --patch-size 16 --precision bf16-mixed --steps 30 --warmup 10 --repeats 3
        --threads 8 --accelerator gpu)
   PIPE=(--flag pathmnist --size 224 --batch-size 256 --num-workers 8 16 --batches 20 --n-train 6144
         --augment-on workers device --device cuda --pin-memory)
   LIMIT=150
 else
-  MODELS=("test_vit 8")
-  COMPILE=(no)
+  RUNS=(
+    "test_vit_compile-no|test_vit|8|--profile-steps 2"
+    "test_vit_compile-no_bar-1|test_vit|8|--progress-bar-refresh 1"
+    "test_vit_compile-no_bar-off|test_vit|8|--progress-bar false"
+  )
   RUN=(--img-size 32 --patch-size 16 --precision bf16-mixed --steps 2 --warmup 1 --repeats 1
        --threads 1 --accelerator cpu)
   PIPE=(--flag pathmnist --size 28 --batch-size 8 --num-workers 0 2 --batches 3 --n-train 64
         --augment-on workers device)
   LIMIT=600
 fi
-# The whole check stays within BUDGET_S (default 420 s) after the installs: each run is capped
+# The whole check stays within BUDGET_S (default 480 s) after the installs: each run is capped
 # by what is left, and a run that cannot get 30 s is skipped.
-DEADLINE=$((SECONDS + ${BUDGET_S:-420}))
+DEADLINE=$((SECONDS + ${BUDGET_S:-480}))
 capped() {  # capped NAME CMD...: run CMD with a timeout of min(LIMIT, time left); log to logs/
   local name="$1" left; shift
   left=$((DEADLINE - SECONDS))
   if [ "$left" -lt 30 ]; then echo "SKIP $name (budget spent)"; return 0; fi
   [ "$left" -gt "$LIMIT" ] && left="$LIMIT"
   if timeout "$left" "$@" >"$OUT/logs/$name.log" 2>&1; then
-    echo "ok   $name"
+    echo "ok   $name ($((SECONDS - start))s)"
   else
     echo "FAIL $name (exit $?): $(tail -n 3 "$OUT/logs/$name.log" | tr '\n' ' ')"
   fi
 }
 
+start=$SECONDS
 capped pipeline "$PY" benchmarks/pipeline.py "${PIPE[@]}" --threads 2 --out "$OUT/pipeline.json"
 : > "$OUT/throughput.md"
-for entry in "${MODELS[@]}"; do
-  read -r model batch <<<"$entry"
-  for c in "${COMPILE[@]}"; do
-    flag=(); [ "$c" = yes ] && flag=(--compile)
-    name="throughput_${model}_compile-${c}"
-    capped "$name" "$PY" benchmarks/throughput.py --model "$model" --batch-size "$batch" \
-      "${RUN[@]}" "${flag[@]}" --out "$OUT/$name.json" --markdown "$OUT/throughput.md"
-  done
+for entry in "${RUNS[@]}"; do
+  IFS='|' read -r name model batch extra <<<"$entry"
+  read -r -a flags <<<"$extra"
+  start=$SECONDS
+  capped "throughput_$name" "$PY" benchmarks/throughput.py --model "$model" --batch-size "$batch" \
+    "${RUN[@]}" "${flags[@]}" --out "$OUT/throughput_$name.json" --markdown "$OUT/throughput.md"
 done
+# The profiles (top kernels, GPU busy share) of the runs that have one.
+for f in "$OUT"/logs/throughput_*.log; do
+  grep -q '^profile ' "$f" && { echo "### $(basename "$f" .log)"; sed -n '/^profile /,$p' "$f"; }
+done > "$OUT/profiles.txt" || true
 
 echo
 echo "## Throughput ($MODE)"
@@ -144,3 +162,6 @@ cat "$OUT/throughput.md"
 echo
 echo "## Pipeline ($MODE)"
 grep '^|' "$OUT/logs/pipeline.log" || true
+echo
+echo "## Profiles ($MODE)"
+cat "$OUT/profiles.txt"

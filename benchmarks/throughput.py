@@ -48,6 +48,8 @@ import torch  # noqa: E402
 # name; that is also why no script may share a package's name (no benchmarks/medmnist.py).
 from pipeline import SIZES, ensure_data, machine_info, measure_pipeline, write_report  # noqa: E402
 
+from medvit.progress import DEFAULT_REFRESH_RATE  # noqa: E402
+
 MODELS = {
     "vit_tiny": "vit_tiny_patch16_224",
     "vit_small": "vit_small_patch16_224",
@@ -216,6 +218,7 @@ def cli_args(args: argparse.Namespace, run_dir: Path, max_steps: int) -> list[st
         "--trainer.num_sanity_val_steps=0",
         f"--trainer.log_every_n_steps={args.log_every_n_steps}",
         f"--trainer.enable_progress_bar={str(args.progress_bar).lower()}",
+        f"--progress_bar.refresh_rate={args.progress_bar_refresh}",
         "--trainer.enable_model_summary=false",
         # Keep the checkpoint callback's hooks but write nothing: a checkpoint is not a step.
         "--checkpoint.save_top_k=0",
@@ -261,6 +264,7 @@ class BareLoop:
         self.net = torch.compile(module.net) if args.compile else module.net
         self.optimizer, self.scheduler = bare_optimizer(module, total_steps=10**6)
         self.clip = args.clip
+        self.marks_class = Marks  # profile_paths swaps in one that also starts the profiler
         bf16 = args.precision.startswith("bf16")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         if args.precision not in ("32-true", "32", "bf16-mixed"):
@@ -289,7 +293,7 @@ class BareLoop:
         self, loader: torch.utils.data.DataLoader, start: int, count: int, sync: Any
     ) -> dict[str, Any]:
         self.module.train()
-        marks = Marks(count, sync)
+        marks = self.marks_class(count, sync)
         non_blocking = self.device.type == "cuda"
         for i, batch in enumerate(loader):
             x, y, _ = (t.to(self.device, non_blocking=non_blocking) for t in batch)
@@ -304,6 +308,124 @@ class BareLoop:
             self.optimizer.step()
             self.scheduler.step()
         raise RuntimeError(f"the loader ran out before step {start + count}")
+
+
+# ------------------------------------------------------------------------------- profiling
+def _device_us(event: Any, attr: str) -> float:
+    """An event's device time in us (torch renamed ``*_cuda_time_total`` to ``*_device_*``)."""
+    value = getattr(event, attr.replace("cuda", "device"), None)
+    return float(value if value is not None else getattr(event, attr, 0.0))
+
+
+def profile_summary(prof: Any, wall_s: float, steps: int, top: int = 15) -> dict[str, Any]:
+    """What a profiled window spent its time on: the top kernels and how busy the GPU was.
+
+    ``gpu_busy`` is the kernels' summed time over the window's wall time (one stream, so they do
+    not overlap): 1 - gpu_busy is the time the GPU waited for the host (CPU gaps: Python, launch
+    overhead, host syncs, data). Without CUDA only the top CPU operators are listed.
+    """
+    from torch.autograd import DeviceType
+
+    events = prof.key_averages()
+    # Kernels only: in some torch versions a CPU operator also reports its kernels' device time.
+    kernels = [
+        e
+        for e in events
+        if getattr(e, "device_type", None) == DeviceType.CUDA
+        and _device_us(e, "self_cuda_time_total") > 0
+    ]
+    out: dict[str, Any] = {"wall_ms_per_step": 1000.0 * wall_s / steps, "steps": steps}
+    if kernels:
+        total_us = sum(_device_us(e, "self_cuda_time_total") for e in kernels)
+        out["gpu_busy"] = total_us / (1e6 * wall_s)
+        out["kernel_ms_per_step"] = total_us / 1000.0 / steps
+        kernels.sort(key=lambda e: _device_us(e, "self_cuda_time_total"), reverse=True)
+        out["top_kernels"] = [
+            {
+                "name": e.key[:120],
+                "calls_per_step": e.count / steps,
+                "ms_per_step": _device_us(e, "self_cuda_time_total") / 1000.0 / steps,
+                "share": _device_us(e, "self_cuda_time_total") / total_us,
+            }
+            for e in kernels[:top]
+        ]
+    cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    out["top_cpu_ops"] = [
+        {
+            "name": e.key[:120],
+            "calls_per_step": e.count / steps,
+            "ms_per_step": e.self_cpu_time_total / 1000.0 / steps,
+        }
+        for e in cpu
+    ]
+    return out
+
+
+def _profiler(device: torch.device) -> Any:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    return profile(activities=activities)
+
+
+class ProfileWindow(L.Callback):
+    """Profiles steps ``[start, start + count)`` of a fit, then stops it."""
+
+    def __init__(self, start: int, count: int, device: torch.device, sync: Any) -> None:
+        self.start, self.count, self.device, self.sync = start, count, device, sync
+        self.prof: Any = None
+        self.t0 = self.wall_s = 0.0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: Any, batch: Any, idx: int
+    ) -> None:
+        if idx == self.start:
+            self.sync()
+            self.prof = _profiler(self.device).__enter__()
+            self.t0 = time.perf_counter()
+        elif idx == self.start + self.count:
+            self.sync()
+            self.wall_s = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            trainer.should_stop = True
+
+
+def profile_paths(
+    args: argparse.Namespace, fit_module: Any, bare: BareLoop, loader: Any, tmp: Path, sync: Any
+) -> dict[str, Any]:
+    """``torch.profiler`` summaries of ``--profile-steps`` steps of each path (after the timing)."""
+    device = bare.device
+    start, count = args.warmup, args.profile_steps
+    cli = build_cli(cli_args(args, tmp / "fit-profile", start + count + 2))
+    window = ProfileWindow(start, count, device, sync)
+    cli.trainer.callbacks.append(window)
+    cli.trainer.fit(fit_module, train_dataloaders=loader())
+    out = {"fit": profile_summary(window.prof, window.wall_s, count)}
+
+    prof_bare = _profiler(device)
+    holder: dict[str, float] = {}
+
+    class _Marks(Marks):  # start the profiler where the timed window starts
+        def mark(self) -> bool:
+            if not self.wall:
+                sync()
+                prof_bare.__enter__()
+                holder["t0"] = time.perf_counter()
+            done = super().mark()
+            if done:
+                holder["wall"] = time.perf_counter() - holder["t0"]
+                prof_bare.__exit__(None, None, None)
+            return done
+
+    bare.marks_class = _Marks
+    try:
+        bare.run(loader(), start, count, sync)
+    finally:
+        bare.marks_class = Marks
+    out["bare"] = profile_summary(prof_bare, holder["wall"], count)
+    return out
 
 
 # ------------------------------------------------------------------------------------- run
@@ -386,6 +508,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     mem = bare_mem
                 if device.type == "cuda":
                     mem.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
+        profile = (
+            profile_paths(args, fit_module, bare, loader, tmp, sync) if args.profile_steps else None
+        )
         fused_adamw = bool(bare.optimizer.defaults.get("fused"))
         from medvit.models.vit import uses_fused_attention
 
@@ -411,6 +536,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["ratio_min_step"] = min(b["min_step_s"] for b in bare_s) / min(
             f["min_step_s"] for f in fit_s
         )
+    if profile is not None:
+        result["profile"] = profile
     if device.type == "cuda":
         result["fit"]["peak_mem_mb"] = max(fit_mem)
         result["bare"]["peak_mem_mb"] = max(bare_mem)
@@ -485,9 +612,10 @@ def _stats(windows: list[dict[str, Any]], images: int, batch: int) -> dict[str, 
 
 
 MARKDOWN_HEADER = (
-    "| model | px | patch | batch | precision | compile | device | fit img/s | bare img/s "
-    "| fit/bare | step ms (fit) | peak mem MB | MFU fit | MFU bare | pipeline img/s (workers) "
-    "| pipeline/model |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| model | px | patch | batch | precision | compile | progress bar | device | fit img/s "
+    "| bare img/s | fit/bare | step ms (fit) | peak mem MB | MFU fit | MFU bare "
+    "| pipeline img/s (workers) | pipeline/model |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -502,6 +630,7 @@ def markdown_row(report: dict[str, Any]) -> str:
         if pipe
         else ["-", "-"]
     )
+    bar = "off" if not c["progress_bar"] else f"every {c['progress_bar_refresh']}"
     cells = [
         c["model"],
         str(c["img_size"]),
@@ -509,6 +638,7 @@ def markdown_row(report: dict[str, Any]) -> str:
         str(c["batch_size"]),
         c["precision"],
         "yes" if c["compile"] else "no",
+        bar,
         report["device"],
         f"{r['fit']['images_per_s']:.1f}",
         f"{r['bare']['images_per_s']:.1f}",
@@ -520,6 +650,22 @@ def markdown_row(report: dict[str, Any]) -> str:
         *pipe_cells,
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def format_profile(path: str, summary: dict[str, Any], rows: int = 8) -> str:
+    """A few lines on one profiled path: GPU busy share, then its top kernels (or CPU ops)."""
+    head = f"profile {path}: {summary['wall_ms_per_step']:.2f} ms/step wall"
+    if "gpu_busy" in summary:
+        head += (
+            f", kernels {summary['kernel_ms_per_step']:.2f} ms/step, "
+            f"GPU busy {100 * summary['gpu_busy']:.1f}%"
+        )
+    top = summary.get("top_kernels") or summary["top_cpu_ops"]
+    lines = [head] + [
+        f"  {t['ms_per_step']:8.3f} ms/step  x{t['calls_per_step']:.1f}  {t['name'][:90]}"
+        for t in top[:rows]
+    ]
+    return "\n".join(lines)
 
 
 def _bool(text: str) -> bool:
@@ -550,10 +696,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip", type=float, default=1.0, help="Gradient clipping (0: off).")
     parser.add_argument("--log-every-n-steps", type=int, default=5)
     parser.add_argument("--progress-bar", type=_bool, default=True)
+    parser.add_argument(
+        "--progress-bar-refresh",
+        type=int,
+        default=DEFAULT_REFRESH_RATE,
+        help="Steps between progress-bar updates (medvit's --progress_bar.refresh_rate).",
+    )
     parser.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda"))
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads value.")
     parser.add_argument("--peak-tflops", type=float, default=None, help="Override the bf16 peak.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="After the timing, torch.profiler this many steps of each path (top kernels, GPU busy).",
+    )
     parser.add_argument(
         "--pipeline-workers", type=int, default=None, help="Also time the pipeline."
     )
@@ -602,6 +760,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{r['train_flops_per_image_counted'] / 1e9:.3f} G); fused attention "
         f"{r['fused_attention']}, fused AdamW {r['fused_adamw']}"
     )
+    for path, summary in r.get("profile", {}).items():
+        print(format_profile(path, summary))
     if args.out:
         write_report(args.out, report)
     if args.markdown:

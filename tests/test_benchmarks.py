@@ -192,7 +192,13 @@ def test_gpu_check_script_runs_on_cpu(tmp_path: Path) -> None:
     pipe = json.loads((tmp_path / "out" / "pipeline.json").read_text())
     runs = [(r["augment_on"], r["num_workers"]) for r in pipe["results"]]
     assert runs == [("workers", 0), ("workers", 2), ("device", 0), ("device", 2)]
-    assert "| test_vit | 32 | 16 | 8 | bf16-mixed | no | cpu |" in proc.stdout
+    # The default bar, the bar refreshed every step, and no bar: the progress bar's cost.
+    for bar in ("every 10", "every 1", "off"):
+        assert f"| test_vit | 32 | 16 | 8 | bf16-mixed | no | {bar} | cpu |" in proc.stdout
+    # The profiled run lists its top operators for both paths.
+    profile = report["result"]["profile"]
+    assert profile["fit"]["steps"] == 2 and profile["bare"]["top_cpu_ops"]
+    assert "profile fit:" in proc.stdout and "profile bare:" in proc.stdout
 
 
 # ------------------------------------------------------------------------- medmnist table

@@ -9,13 +9,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from medvit.callbacks import METRICS_FILE, RunRecorder
 from medvit.data.files import DataFileError
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.models.module import ViTClassifier
+from medvit.progress import DEFAULT_REFRESH_RATE, LossProgressBar
 from medvit.tracking import WandbOptions, build_loggers
 from medvit.wandb_logging import WandbTestMedia
 
@@ -105,6 +106,12 @@ class MedViTCLI(LightningCLI):
             help="After fit, test the best checkpoint and write test metrics.",
         )
         parser.add_argument("--wandb", type=WandbOptions, default=WandbOptions())
+        parser.add_argument(
+            "--progress_bar.refresh_rate",
+            type=int,
+            default=DEFAULT_REFRESH_RATE,
+            help="Steps between progress-bar updates (each one waits for the device).",
+        )
 
     def _subconfig(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -154,11 +161,23 @@ class MedViTCLI(LightningCLI):
             # Resuming in place: the saved config is replaced by the resumed run's.
             self.save_config_kwargs["overwrite"] = True
         kwargs.setdefault("default_root_dir", str(run_dir))
+        self._add_progress_bar(config, kwargs)
         if config.trainer.get("logger") in (None, True):
             wandb = config.wandb
             wandb = wandb if isinstance(wandb, WandbOptions) else WandbOptions(**vars(wandb))
             kwargs["logger"] = build_loggers(run_dir, name, wandb)
         return super().instantiate_trainer(**kwargs)
+
+    def _add_progress_bar(self, config: Any, kwargs: dict[str, Any]) -> None:
+        """medvit's bar (see ``medvit.progress``) unless the bar is off or the user gave one."""
+        if config.trainer.get("enable_progress_bar") is False:
+            return
+        trainer_init = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer_init.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if not any(isinstance(c, ProgressBar) for c in callbacks):
+            bar = LossProgressBar(refresh_rate=config.progress_bar.refresh_rate)
+            kwargs["callbacks"] = [*callbacks, bar]
 
     def after_fit(self) -> None:
         config = self.config["fit"]

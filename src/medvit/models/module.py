@@ -178,7 +178,10 @@ class ViTClassifier(L.LightningModule):
         x, y, _ = batch
         loss = self.loss(self(x), y)
         self.train_loss(loss)
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        # Not prog_bar=True: Lightning would read it as a float after every step (a device sync).
+        # The progress bar (medvit.progress) reads this tensor only when it refreshes.
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True)
+        self.last_train_loss = loss.detach()
         return loss
 
     def validation_step(self, batch: tuple, batch_idx: int) -> None:

@@ -1,0 +1,77 @@
+"""The training progress bar reads the loss only when it refreshes (no device sync per step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medvit.cli import MedViTCLI
+from medvit.progress import LossProgressBar
+
+
+class CountingLoss(torch.Tensor):
+    """A loss tensor that counts how often it is turned into a Python number."""
+
+    reads = 0
+
+    def __float__(self) -> float:
+        CountingLoss.reads += 1
+        return super().__float__()
+
+
+def build(root, tmp_path, *extra: str) -> MedViTCLI:
+    return MedViTCLI(
+        args=[
+            "--data.flag=breastmnist",
+            f"--data.root={root}",
+            "--data.verify_md5=false",
+            "--data.num_workers=0",
+            "--data.global_batch_size=4",
+            "--model.patch_size=7",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_model_summary=false",
+            f"--run.root={tmp_path / 'runs'}",
+            "--run.test_after_fit=false",
+            *extra,
+        ],
+        run=False,
+    )
+
+
+def test_bar_shows_the_loss_every_refresh_rate_steps_only(synthetic_root, tmp_path, monkeypatch):
+    root = synthetic_root("breastmnist", n=(28, 8, 8))
+    cli = build(root, tmp_path, "--progress_bar.refresh_rate=3")
+    (bar,) = [c for c in cli.trainer.callbacks if isinstance(c, LossProgressBar)]
+    assert bar.refresh_rate == 3
+
+    # The module hands the bar its loss as a counting tensor; count the bar's reads of it.
+    module = cli.model
+    step = module.training_step
+
+    def counting_step(batch, batch_idx):
+        loss = step(batch, batch_idx)
+        module.last_train_loss = module.last_train_loss.as_subclass(CountingLoss)
+        return loss
+
+    monkeypatch.setattr(module, "training_step", counting_step)
+    CountingLoss.reads = 0
+    cli.trainer.fit(module, datamodule=cli.datamodule)
+    # 28 samples / batch 4 = 7 steps: refreshes at steps 3, 6 and the last one (7), and once at
+    # the epoch's end; with Lightning's prog_bar logging it would be read after all 7 steps.
+    assert CountingLoss.reads == 4
+    assert "loss" in bar.train_progress_bar.postfix
+    # The step loss is not a progress-bar metric (Lightning would read it after every step).
+    assert not any(k.startswith("train/loss") for k in cli.trainer.progress_bar_metrics)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [((), 1), (("--trainer.enable_progress_bar=false",), 0)],
+    ids=["default", "bar-off"],
+)
+def test_one_medvit_bar_unless_disabled(synthetic_root, tmp_path, extra, expected):
+    root = synthetic_root("breastmnist", n=(8, 4, 4))
+    cli = build(root, tmp_path, *extra)
+    bars = [c for c in cli.trainer.callbacks if isinstance(c, LossProgressBar)]
+    assert len(bars) == expected
