@@ -237,9 +237,37 @@ class ViTClassifier(L.LightningModule):
         return {"probs": self.probabilities(self(x)).float(), "index": index}
 
     # ---------------------------------------------------------------------------- optimiser
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, because such
+        # an optimizer unscales fp16 gradients inside step(). Without a GradScaler (bf16-mixed)
+        # nothing is scaled, so clipping the gradients here is exact, as in a plain torch loop.
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if not gradient_clip_val or scaler is not None or not fused:
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         fused = hp.fused_optimizer if hp.fused_optimizer is not None else self.device.type == "cuda"
+        plugin = getattr(self.trainer, "precision_plugin", None)
+        if fused and getattr(plugin, "scaler", None) is not None and self.trainer.gradient_clip_val:
+            # fp16 with a GradScaler: gradients are still scaled when they are clipped, which a
+            # fused optimizer cannot allow (it unscales inside step()). Use the foreach kernel.
+            fused = False
         optimizer = create_optimizer_v2(
             self.net,
             opt="adamw",
