@@ -327,11 +327,16 @@ def profile_summary(prof: Any, wall_s: float, steps: int, top: int = 15) -> dict
     from torch.autograd import DeviceType
 
     events = prof.key_averages()
-    # Kernels only: in some torch versions a CPU operator also reports its kernels' device time.
+    # Kernels only. A record_function range (the optimiser's "Optimizer.step#AdamW.step") also
+    # shows on the GPU timeline as an annotation spanning its kernels: counting it would count
+    # them twice (seen on an H200: "GPU busy 191%"). It shares its name with a CPU event.
+    cpu_names = {e.key for e in events if getattr(e, "device_type", None) == DeviceType.CPU}
     kernels = [
         e
         for e in events
         if getattr(e, "device_type", None) == DeviceType.CUDA
+        and not getattr(e, "is_user_annotation", False)
+        and e.key not in cpu_names
         and _device_us(e, "self_cuda_time_total") > 0
     ]
     out: dict[str, Any] = {"wall_ms_per_step": 1000.0 * wall_s / steps, "steps": steps}

@@ -75,3 +75,36 @@ def test_one_medvit_bar_unless_disabled(synthetic_root, tmp_path, extra, expecte
     cli = build(root, tmp_path, *extra)
     bars = [c for c in cli.trainer.callbacks if isinstance(c, LossProgressBar)]
     assert len(bars) == expected
+
+
+def test_training_step_never_reads_a_tensor_on_the_host(synthetic_root, tmp_path, monkeypatch):
+    """A host read (``bool(t)``, ``t.item()``, ``float(t)``) is a device sync on a GPU: none per step."""
+    root = synthetic_root("breastmnist", n=(12, 4, 4))
+    cli = build(root, tmp_path, "--trainer.enable_progress_bar=false")
+    module, reads = cli.model, []
+    step = module.training_step
+
+    def watched_step(batch, batch_idx):
+        with monkeypatch.context() as m:
+            for name in ("__bool__", "item", "__float__", "tolist"):
+                original = getattr(torch.Tensor, name)
+
+                def spy(self, *a, _name=name, _original=original, **k):
+                    reads.append(_name)
+                    return _original(self, *a, **k)
+
+                m.setattr(torch.Tensor, name, spy)
+            return step(batch, batch_idx)
+
+    monkeypatch.setattr(module, "training_step", watched_step)
+    cli.trainer.fit(module, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 3 and reads == []
+
+
+def test_a_nan_training_loss_stops_the_fit_at_the_epoch_end(synthetic_root, tmp_path, monkeypatch):
+    root = synthetic_root("breastmnist", n=(12, 4, 4))
+    cli = build(root, tmp_path, "--trainer.enable_progress_bar=false")
+    module = cli.model
+    monkeypatch.setattr(module, "loss", lambda logits, y: logits.sum() * float("nan"))
+    with pytest.raises(FloatingPointError, match="training loss of epoch 0 is nan"):
+        cli.trainer.fit(module, datamodule=cli.datamodule)

@@ -75,6 +75,7 @@ VOLATILE_KEYS = (
     "data.pin_memory",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
+    "progress_bar",
 )
 
 

@@ -113,7 +113,11 @@ class ViTClassifier(L.LightningModule):
             torch.tensor(weights, dtype=torch.float32) if weights is not None else None,
             persistent=False,
         )
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # The default NaN check reads the loss on the host (``if nans.any()``) on every training
+        # step, a device sync that stops the CPU from queueing the next step on a GPU. A NaN loss
+        # still shows: it makes the logged epoch loss NaN, and on_train_epoch_end stops the fit.
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_metrics = build_metrics(task, num_classes, prefix="val/")
         self.test_metrics = build_metrics(task, num_classes, prefix="test/")
         self.val_auroc_best = MaxMetric()
@@ -173,6 +177,17 @@ class ViTClassifier(L.LightningModule):
         self.val_loss.reset()
         self.val_metrics.reset()
         self.val_auroc_best.reset()
+
+    def on_train_epoch_end(self) -> None:
+        # One host read per epoch instead of one per step (see train_loss above).
+        if not self.train_loss.update_called:
+            return
+        loss = self.train_loss.compute()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"The training loss of epoch {self.current_epoch} is {loss.item()}: training "
+                "diverged. Lower --model.lr or raise --model.warmup_epochs."
+            )
 
     def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
