@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -255,10 +256,89 @@ def test_pretrained_with_sincos_keeps_body_and_fixes_pos_embed(source: dict):
         patch_size=4,
         pos_embed="sincos",
         pretrained=str(source["files"]["safetensors"]),
+        replace_pretrained_pos_embed=True,
     )
     assert torch.equal(model.blocks[0].attn.qkv.weight, source["state"]["blocks.0.attn.qkv.weight"])
     assert not model.pos_embed.requires_grad
     assert torch.equal(model.pos_embed[0, 1:], sincos_2d_pos_embed((7, 7), TINY_DIM))
+
+
+def test_sincos_over_pretrained_weights_is_refused_unless_asked_for(source: dict):
+    with pytest.raises(ValueError, match="would overwrite the pretrained position embedding"):
+        create_vit(
+            TINY,
+            num_classes=2,
+            img_size=28,
+            patch_size=4,
+            pos_embed="sincos",
+            pretrained=source["files"]["safetensors"],
+        )
+
+
+def test_load_summary_names_loaded_adapted_and_new_tensors(source: dict, capsys):
+    model = create_vit(
+        TINY,
+        num_classes=2,
+        in_chans=1,
+        img_size=28,
+        patch_size=4,
+        pretrained=source["files"]["pth"],
+    )
+    summary = model.pretrained_summary
+    state = source["state"]
+    assert summary["source"] == str(source["files"]["pth"])
+    assert set(summary["adapted"]) == {"pos_embed", "patch_embed.proj.weight"}
+    assert "14x14 to a 7x7 patch grid" in summary["adapted"]["pos_embed"]
+    assert summary["adapted"]["patch_embed.proj.weight"] == (
+        "(192, 3, 16, 16) -> (192, 1, 4, 4): kernel resampled 16x16 -> 4x4, input channels 3 -> 1"
+    )
+    assert summary["new"] == ["head.weight", "head.bias"]  # 1000 classes -> 2
+    assert summary["unused"] == ["head.weight", "head.bias"]
+    # Everything else came over unchanged, and the three lists cover the model exactly once.
+    assert len(summary["loaded"]) == len(state) - 4
+    keys = summary["loaded"] + list(summary["adapted"]) + summary["new"]
+    assert sorted(keys) == sorted(model.state_dict())
+    printed = capsys.readouterr().out
+    assert f"{len(state) - 4} tensors loaded as they are, 2 adapted, 2 newly initialised" in printed
+    assert "adapted pos_embed: (1, 197, 192) -> (1, 50, 192)" in printed
+
+
+def test_finetune_config_over_the_recipe_keeps_the_pretrained_pos_embed(
+    source: dict, synthetic_root, tmp_path: Path
+):
+    """The README's combination: the recipe's sincos must not overwrite pretrained weights."""
+    from medvit.cli import MedViTCLI
+
+    root = synthetic_root("breastmnist", n=(8, 4, 4))
+    repo = Path(__file__).resolve().parents[1]
+    cli = MedViTCLI(
+        args=[
+            "-c",
+            str(repo / "configs" / "experiment" / "breastmnist.yaml"),
+            "--model",
+            str(repo / "configs" / "model" / "vit_small_in21k_finetune.yaml"),
+            f"--model.model_name={TINY}",  # the file's architecture (a small file for the test)
+            f"--model.pretrained={source['files']['safetensors']}",
+            f"--data.root={root}",
+            "--data.verify_md5=false",
+            "--data.img_size=32",
+            "--data.num_workers=0",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            f"--run.root={tmp_path / 'runs'}",
+        ],
+        run=False,
+    )
+    net = cli.model.net
+    expected = resample_abs_pos_embed(
+        source["state"]["pos_embed"], new_size=(2, 2), old_size=(14, 14), num_prefix_tokens=1
+    )
+    assert torch.equal(net.pos_embed.detach(), expected) and net.pos_embed.requires_grad
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    meta = json.loads((Path(cli.trainer.log_dir) / "meta.json").read_text())
+    assert set(meta["pretrained_weights"]["adapted"]) == {"pos_embed", "patch_embed.proj.weight"}
 
 
 def test_own_checkpoint_keeps_matching_head(tmp_path: Path):

@@ -137,6 +137,9 @@ class RunRecorder(L.Callback):
                 "stages": sorted(set(meta.get("stages", [])) | {stage}),
             }
         )
+        summary = getattr(trainer.lightning_module, "pretrained_summary", None)
+        if stage == "fit" and summary is not None:
+            meta["pretrained_weights"] = summary  # what the weight file gave (models/vit.py)
         if not started:
             meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             meta["duration_s"] = round(meta.get("duration_s", 0.0) + time.time() - self._t0, 1)

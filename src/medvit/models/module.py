@@ -37,6 +37,8 @@ class ViTClassifier(L.LightningModule):
         pretrained: ``False``, ``True`` (timm/hub weights of ``model_name``, needs internet) or
             a local ``.safetensors``/``.pth`` file. Position embeddings, patch embedding and
             input channels are adapted and the head is replaced when sizes differ.
+        replace_pretrained_pos_embed: allow ``pos_embed="sincos"`` with ``pretrained`` weights,
+            which replaces their position embedding (refused otherwise).
         drop_rate: dropout before the head.
         drop_path_rate: stochastic depth rate.
         lr: peak learning rate for the global batch (it does not change with the device count,
@@ -64,6 +66,7 @@ class ViTClassifier(L.LightningModule):
         patch_size: int | None = 4,
         pos_embed: str = "learn",
         pretrained: bool | str = False,
+        replace_pretrained_pos_embed: bool = False,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         lr: float = 1e-3,
@@ -106,7 +109,11 @@ class ViTClassifier(L.LightningModule):
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
             pretrained=pretrained,
+            replace_pretrained_pos_embed=replace_pretrained_pos_embed,
         )
+        # What the weight file gave (loaded / adapted / new tensors); RunRecorder puts it in
+        # meta.json. None without pretrained weights.
+        self.pretrained_summary = getattr(self.net, "pretrained_summary", None)
         weights = class_weights if isinstance(class_weights, list) else None
         self.register_buffer(
             "class_weights",

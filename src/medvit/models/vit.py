@@ -21,7 +21,14 @@ import timm
 import torch
 from timm.models import VisionTransformer
 
-__all__ = ["POS_EMBEDS", "create_vit", "sincos_2d_pos_embed", "uses_fused_attention"]
+__all__ = [
+    "POS_EMBEDS",
+    "create_vit",
+    "format_load_summary",
+    "load_summary",
+    "sincos_2d_pos_embed",
+    "uses_fused_attention",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -91,6 +98,7 @@ def create_vit(
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
     pretrained: bool | str | os.PathLike[str] = False,
+    replace_pretrained_pos_embed: bool = False,
     **timm_kwargs: Any,
 ) -> VisionTransformer:
     """Build a timm Vision Transformer for ``img_size`` inputs with ``in_chans`` channels.
@@ -112,10 +120,15 @@ def create_vit(
             through timm's loader, which resamples position and patch embeddings to this grid
             and patch size, adapts input channels (3 -> 1 sums the kernel) and replaces a
             classifier whose size differs from ``num_classes`` (one of equal size is kept).
+        replace_pretrained_pos_embed: With ``pretrained`` weights, ``pos_embed="sincos"`` is
+            refused, because it would overwrite the pretrained position embedding; set this to
+            replace it on purpose.
         **timm_kwargs: Passed unchanged to ``timm.create_model`` (e.g. ``global_pool="avg"``).
 
     Returns:
-        The model, with fused scaled-dot-product attention enabled as timm configures it.
+        The model, with fused scaled-dot-product attention enabled as timm configures it. With a
+        local weight file, ``model.pretrained_summary`` says which tensors were loaded as they
+        are, adapted or newly initialised (see ``load_summary``); it is also printed once.
 
     Raises:
         ValueError: For an unknown or non-ViT model, an invalid argument, an image size that
@@ -124,6 +137,13 @@ def create_vit(
     """
     _check_args(num_classes, in_chans, img_size, patch_size, pos_embed, drop_rate, drop_path_rate)
     weights_file = _resolve_weights_file(pretrained)
+    if pos_embed == "sincos" and pretrained is not False and not replace_pretrained_pos_embed:
+        raise ValueError(
+            "pos_embed='sincos' would overwrite the pretrained position embedding with a fixed "
+            "table. Keep the pretrained one (resampled to this patch grid) with pos_embed='learn' "
+            "(configs/model/vit_small_in21k_finetune.yaml sets it), or replace it on purpose "
+            "with replace_pretrained_pos_embed=True."
+        )
     _check_model_name(model_name)
 
     build_kwargs: dict[str, Any] = dict(
@@ -144,11 +164,15 @@ def create_vit(
     if pos_embed == "sincos":
         _check_sincos_fits(model_name, skeleton)
 
+    summary = None
     if weights_file is None:
         model = timm.create_model(model_name, pretrained=bool(pretrained), **build_kwargs)
+        if pretrained:
+            summary = {"source": f"timm hub weights of {model_name}"}
     else:
+        file_state = _read_state_dict(weights_file)
         overlay = dict(
-            _checkpoint_cfg(weights_file, skeleton),
+            _checkpoint_cfg(file_state, skeleton),
             **(build_kwargs.pop("pretrained_cfg_overlay", None) or {}),
             file=str(weights_file),
         )
@@ -161,10 +185,17 @@ def create_vit(
             raise ValueError(
                 _describe_load_failure(weights_file, model_name, skeleton, drops_head, err)
             ) from err
-        _logger.info("Loaded %s weights from %s", model_name, weights_file)
+        summary = load_summary(file_state, model, drops_head=num_classes != overlay["num_classes"])
+        summary["source"] = str(weights_file)
 
     if pos_embed == "sincos":
         _set_sincos_pos_embed(model)
+        if summary is not None and "pos_embed" in summary.get("adapted", {}):
+            summary["adapted"]["pos_embed"] = "replaced by the fixed sin-cos table (not trained)"
+    if summary is not None:
+        model.pretrained_summary = summary
+        if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+            print(format_load_summary(summary))
     if not uses_fused_attention(model):
         warnings.warn(
             "timm built attention without F.scaled_dot_product_attention (TIMM_FUSED_ATTN=0 or "
@@ -306,7 +337,81 @@ def _cfg_names(cfg: dict[str, Any], key: str) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def _checkpoint_cfg(weights_file: Path, skeleton: VisionTransformer) -> dict[str, Any]:
+def load_summary(
+    file_state: dict[str, torch.Tensor], model: VisionTransformer, drops_head: bool
+) -> dict[str, Any]:
+    """Which of ``model``'s tensors came from ``file_state`` as they are, adapted, or not at all.
+
+    Returns:
+        ``{"loaded": [keys], "adapted": {key: how}, "new": [keys], "unused": [file keys]}``:
+        adapted tensors changed shape on the way (position embedding resampled to the patch
+        grid, patch kernel resampled, input channels summed or repeated); new ones (a replaced
+        classifier, tokens the file lacks) are freshly initialised.
+    """
+    classifiers = _cfg_names(model.pretrained_cfg, "classifier")
+    loaded, adapted, new = [], {}, []
+    for key, param in model.state_dict().items():
+        source = file_state.get(key)
+        if source is None or (drops_head and key.rsplit(".", 1)[0] in classifiers):
+            new.append(key)
+        elif tuple(source.shape) != tuple(param.shape):
+            adapted[key] = _how_adapted(key, tuple(source.shape), tuple(param.shape), model)
+        else:
+            loaded.append(key)
+    used = set(loaded) | set(adapted)
+    unused = [k for k in file_state if k not in used]
+    return {"loaded": loaded, "adapted": adapted, "new": new, "unused": unused}
+
+
+def _how_adapted(key: str, old: tuple[int, ...], new: tuple[int, ...], model: Any) -> str:
+    """A few words on what timm did to one tensor, e.g. ``resampled 14x14 -> 7x7``."""
+    change = f"{old} -> {new}"
+    if key == "pos_embed":
+        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        side = int(round((old[1] - prefix) ** 0.5))
+        grid = "x".join(map(str, model.patch_embed.grid_size))
+        return f"{change}: resampled from a {side}x{side} to a {grid} patch grid"
+    if len(old) == 4 and len(new) == 4:
+        parts = []
+        if old[2:] != new[2:]:
+            parts.append(f"kernel resampled {old[2]}x{old[3]} -> {new[2]}x{new[3]}")
+        if old[1] != new[1]:
+            parts.append(f"input channels {old[1]} -> {new[1]}")
+        return f"{change}: " + ", ".join(parts)
+    return change
+
+
+def format_load_summary(summary: dict[str, Any]) -> str:
+    """The printed form of ``load_summary`` (one line, plus one per adapted or new tensor)."""
+    if "loaded" not in summary:
+        return f"Pretrained weights: {summary['source']}."
+    lines = [
+        f"Pretrained weights from {summary['source']}: {len(summary['loaded'])} tensors loaded "
+        f"as they are, {len(summary['adapted'])} adapted, {len(summary['new'])} newly "
+        f"initialised, {len(summary['unused'])} in the file unused."
+    ]
+    lines += [f"  adapted {key}: {how}" for key, how in summary["adapted"].items()]
+    if summary["new"]:
+        lines.append(f"  newly initialised: {', '.join(summary['new'])}")
+    if summary["unused"]:
+        lines.append(f"  unused from the file: {', '.join(summary['unused'])}")
+    return "\n".join(lines)
+
+
+def _read_state_dict(weights_file: Path) -> dict[str, torch.Tensor]:
+    """The state dict in ``weights_file``, read by timm's loader, or a ValueError naming it."""
+    try:
+        return timm.models.load_state_dict(str(weights_file))
+    except Exception as err:
+        raise ValueError(
+            f"Cannot read weights from {str(weights_file)!r}: not a state dict timm can load "
+            f"({type(err).__name__}: {err})."
+        ) from err
+
+
+def _checkpoint_cfg(
+    state_dict: dict[str, torch.Tensor], skeleton: VisionTransformer
+) -> dict[str, Any]:
     """Pretrained-cfg entries describing the file itself: classifier size and input channels.
 
     timm decides whether to drop the classifier and how to adapt input channels by comparing
@@ -314,13 +419,6 @@ def _checkpoint_cfg(weights_file: Path, skeleton: VisionTransformer) -> dict[str
     file, e.g. from an earlier 9-class 1-channel run, would lose its matching head and fail the
     channel adaptation, so timm is told what the file actually holds.
     """
-    try:
-        state_dict = timm.models.load_state_dict(str(weights_file))
-    except Exception as err:
-        raise ValueError(
-            f"Cannot read weights from {str(weights_file)!r}: not a state dict timm can load "
-            f"({type(err).__name__}: {err})."
-        ) from err
     cfg = skeleton.pretrained_cfg
     heads = [
         state_dict[f"{name}.weight"]
