@@ -50,6 +50,16 @@ def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
+def _positive_class(pl_module: L.LightningModule) -> dict[str, Any]:
+    """``{"positive_class": name}`` for a binary task: what sens/spec/F1/op_* are about."""
+    hp = pl_module.hparams
+    if hp.get("task") != "binary":
+        return {}
+    index = hp.get("positive_class", 1)
+    names = hp.get("class_names") or ["0", "1"]
+    return {"positive_class": names[index]}
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
@@ -163,6 +173,7 @@ class RunRecorder(L.Callback):
             metrics["val"].pop("auroc_best", None)
             metrics["best_epoch"] = trainer.current_epoch
             metrics["monitor"] = self.monitor
+            metrics.update(_positive_class(pl_module))
             write_json(self.run_dir / METRICS_FILE, metrics)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -185,6 +196,7 @@ class RunRecorder(L.Callback):
         if ckpt and Path(ckpt).resolve().is_relative_to(self.run_dir.resolve()):
             ckpt = os.path.relpath(ckpt, self.run_dir)
         metrics["test_checkpoint"] = ckpt
+        metrics.update(_positive_class(pl_module))
         write_json(self.run_dir / METRICS_FILE, metrics)
         preds = getattr(pl_module, "test_predictions", None)
         if preds is not None:
@@ -195,6 +207,7 @@ class RunRecorder(L.Callback):
                 self.run_dir / PREDICTIONS_FILE,
                 class_names=np.array(names),
                 task=np.array(pl_module.hparams.get("task", "")),
+                positive_class=np.array(pl_module.hparams.get("positive_class", 1)),
                 **preds,
             )
         self._update_meta(trainer, stage="test")

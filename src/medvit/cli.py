@@ -82,6 +82,7 @@ class MedViTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         for key in ("num_classes", "in_chans", "img_size", "task", "class_names"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+        parser.link_arguments("data.positive_index", "model.positive_class", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {

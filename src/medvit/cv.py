@@ -454,6 +454,7 @@ def ensemble_predictions(paths: list[Path]) -> dict[str, np.ndarray]:
                     "target": target,
                     "class_names": npz["class_names"],
                     "task": npz["task"],
+                    "positive_class": npz.get("positive_class", 1),
                 }
                 total = probs.astype(np.float64)
                 continue
@@ -481,7 +482,10 @@ def ensemble_metrics(preds: dict[str, np.ndarray]) -> dict[str, float]:
     probs = torch.from_numpy(np.asarray(preds["probs"], dtype=np.float32))
     target = torch.from_numpy(np.asarray(preds["target"])).long()
     metrics = build_metrics(task, probs.shape[1], prefix="test/")
-    metrics.update(probs[:, 1] if task == "binary" else probs, target)
+    if task == "binary":  # about the positive class, as each fold's own metrics
+        pos = int(preds.get("positive_class", 1))
+        probs, target = probs[:, pos], (target == pos).long()
+    metrics.update(probs, target)
     return {k.removeprefix("test/"): float(v) for k, v in sorted(metrics.compute().items())}
 
 

@@ -3,7 +3,7 @@
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global
 figure registry, so a report of many runs does not leak memory) and renders with Agg. In a
 notebook, a returned figure displays inline. Curves come from torchmetrics' functional API;
-binary tasks show the positive class (class 1), multi-class and multi-label tasks show every
+binary tasks show the positive class (``Predictions.positive``), multi-class and multi-label tasks show every
 class plus the macro average.
 """
 
@@ -42,6 +42,7 @@ class Predictions:
         class_names: one name per class; default ``"0"``, ``"1"``, ...
         task: ``binary``, ``multiclass``, ``multilabel`` or ``ordinal``; inferred when ``None``.
         index: (N,) sample index within the split; default ``0..N-1``.
+        positive: binary tasks: the index of the positive class (the one curves are about).
     """
 
     probs: np.ndarray
@@ -49,6 +50,7 @@ class Predictions:
     class_names: list[str] = field(default_factory=list)
     task: str | None = None
     index: np.ndarray | None = None
+    positive: int = 1
 
     def __post_init__(self) -> None:
         self.probs = np.asarray(self.probs, dtype=np.float64)
@@ -95,6 +97,7 @@ class Predictions:
                 class_names=[str(x) for x in npz["class_names"]] if "class_names" in npz else [],
                 task=str(npz["task"]) if "task" in npz else None,
                 index=npz.get("index"),
+                positive=int(npz["positive_class"]) if "positive_class" in npz else 1,
             )
 
     @classmethod
@@ -110,6 +113,7 @@ class Predictions:
             class_names=list(hp.get("class_names") or []),
             task=hp.get("task"),
             index=preds["index"],
+            positive=int(hp.get("positive_class", 1)),
         )
 
     @property
@@ -127,6 +131,11 @@ class Predictions:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(probs, target)`` as torch tensors for torchmetrics."""
         return torch.from_numpy(self.probs).float(), torch.from_numpy(self.target)
+
+    def positive_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Binary: ``(P(positive), 1 if positive else 0)`` as torch tensors."""
+        probs, target = self.tensors()
+        return probs[:, self.positive].contiguous(), (target == self.positive).long()
 
 
 # ----------------------------------------------------------------------------- metrics.csv
@@ -243,9 +252,10 @@ def roc_curves(preds: Predictions) -> list[tuple[str, np.ndarray, np.ndarray, fl
     names, c = preds.class_names, preds.num_classes
     out = []
     if preds.task == "binary":
-        fpr, tpr, _ = tmf.binary_roc(probs[:, 1], target)
-        auc = float(tmf.binary_auroc(probs[:, 1], target))
-        return [(names[1], fpr.numpy(), tpr.numpy(), auc)]
+        pos_probs, pos_target = preds.positive_tensors()
+        fpr, tpr, _ = tmf.binary_roc(pos_probs, pos_target)
+        auc = float(tmf.binary_auroc(pos_probs, pos_target))
+        return [(names[preds.positive], fpr.numpy(), tpr.numpy(), auc)]
     if preds.task == "multilabel":
         fprs, tprs, _ = tmf.multilabel_roc(probs, target, num_labels=c)
         aucs = _per_class(tmf.multilabel_auroc(probs, target, num_labels=c, average=None))
@@ -278,9 +288,10 @@ def pr_curves(preds: Predictions) -> list[tuple[str, np.ndarray, np.ndarray, flo
     probs, target = preds.tensors()
     names, c = preds.class_names, preds.num_classes
     if preds.task == "binary":
-        p, r, _ = tmf.binary_precision_recall_curve(probs[:, 1], target)
-        ap = float(tmf.binary_average_precision(probs[:, 1], target))
-        return [(names[1], r.numpy(), p.numpy(), ap)]
+        pos_probs, pos_target = preds.positive_tensors()
+        p, r, _ = tmf.binary_precision_recall_curve(pos_probs, pos_target)
+        ap = float(tmf.binary_average_precision(pos_probs, pos_target))
+        return [(names[preds.positive], r.numpy(), p.numpy(), ap)]
     if preds.task == "multilabel":
         ps, rs, _ = tmf.multilabel_precision_recall_curve(probs, target, num_labels=c)
         aps = _per_class(
@@ -360,7 +371,7 @@ def pr_figure(preds: Predictions, title: str = "Precision–recall curve") -> Fi
     )
     if preds.task == "binary":
         ax = fig.axes[0]
-        prevalence = float(np.mean(preds.target == 1))
+        prevalence = float(np.mean(preds.target == preds.positive))
         ax.axhline(prevalence, color="0.6", lw=1, ls=":", label=f"prevalence {prevalence:.3f}")
         _legend(ax, 2)
     return fig
@@ -462,7 +473,8 @@ def calibration_bins(
 ) -> dict[str, np.ndarray | float | str]:
     """Reliability-diagram bins, defined as torchmetrics' calibration error (``ece`` metric).
 
-    Binary: confidence = probability of class 1, outcome = target. Multi-class: confidence =
+    Binary: confidence = probability of the positive class, outcome = it is the true class.
+    Multi-class: confidence =
     top probability, outcome = top prediction correct. Multi-label: every (sample, label) pair as
     a binary prediction. Bins split [0, 1] into ``n_bins`` equal widths.
 
@@ -472,9 +484,10 @@ def calibration_bins(
     """
     probs, target = preds.tensors()
     if preds.task == "binary":
-        conf, outcome = preds.probs[:, 1], (preds.target == 1).astype(np.float64)
-        ece = float(tmf.binary_calibration_error(probs[:, 1].contiguous(), target, n_bins=n_bins))
-        xlabel = f"Predicted probability of '{_short(preds.class_names[1], 24)}'"
+        pos = preds.positive
+        conf, outcome = preds.probs[:, pos], (preds.target == pos).astype(np.float64)
+        ece = float(tmf.binary_calibration_error(*preds.positive_tensors(), n_bins=n_bins))
+        xlabel = f"Predicted probability of '{_short(preds.class_names[pos], 24)}'"
         ylabel = "Observed frequency"
     elif preds.task == "multilabel":
         conf, outcome = preds.probs.reshape(-1), preds.target.reshape(-1).astype(np.float64)

@@ -35,7 +35,25 @@ RUN_MARKERS = ("metrics.json", "config.yaml")
 PREDICTIONS = "test_predictions.npz"
 DEFAULT_OUTPUT = "report.html"
 # Metrics first in this order, then any others alphabetically.
-METRIC_ORDER = ("auroc", "acc", "bal_acc", "f1", "sens", "spec", "qwk", "mae", "ece", "loss")
+METRIC_ORDER = (
+    "auroc",
+    "acc",
+    "bal_acc",
+    "f1",
+    "sens",
+    "spec",
+    "threshold",
+    "op_acc",
+    "op_sens",
+    "op_spec",
+    "op_ppv",
+    "op_npv",
+    "op_f1",
+    "qwk",
+    "mae",
+    "ece",
+    "loss",
+)
 METRIC_NAMES = {
     "auroc": "AUROC (macro)",
     "acc": "accuracy",
@@ -48,7 +66,28 @@ METRIC_NAMES = {
     "ece": "expected calibration error",
     "loss": "loss",
 }
+# Binary runs: what each metric is about, with the positive class's name in place of {pos}.
+BINARY_METRIC_NAMES = {
+    "auroc": "AUROC",
+    "f1": "F1 of {pos}, at argmax",
+    "sens": "sensitivity: {pos} found, at argmax",
+    "spec": "specificity: not-{pos} cleared, at argmax",
+    "threshold": "threshold on P({pos}), chosen on validation",
+    "op_acc": "accuracy at the threshold",
+    "op_sens": "sensitivity at the threshold",
+    "op_spec": "specificity at the threshold",
+    "op_ppv": "positive predictive value at the threshold",
+    "op_npv": "negative predictive value at the threshold",
+    "op_f1": "F1 of {pos} at the threshold",
+}
 DIGITS = 4
+
+
+def metric_name(key: str, positive_class: str | None = None) -> str:
+    """What a metric key means; for binary runs, named after the positive class."""
+    if positive_class is not None and key in BINARY_METRIC_NAMES:
+        return BINARY_METRIC_NAMES[key].format(pos=positive_class)
+    return METRIC_NAMES.get(key, "")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -369,11 +408,12 @@ def metrics_table(run: Run) -> str:
     if not val and not test:
         return _note(f"{run.path / 'metrics.json'} has no metrics yet.")
     rows = []
+    positive = run.metrics.get("positive_class")
     for key in _ordered([*val, *test]):
         rows.append(
             [
                 f"<th>{esc(key)}</th>",
-                f"<td>{esc(METRIC_NAMES.get(key, ''))}</td>",
+                f"<td>{esc(metric_name(key, positive))}</td>",
                 _num_cell(val.get(key), stage="val", metric=key),
                 _num_cell(test.get(key), stage="test", metric=key),
             ]

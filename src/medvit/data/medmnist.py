@@ -38,6 +38,10 @@ TASKS = {
 }
 FLAGS_2D = tuple(flag for flag in INFO if not flag.endswith("3d"))
 AUGMENT_ON = ("workers", "device")
+# The positive class of each binary set: the finding a clinician screens for, so sensitivity is
+# its detection rate. MedMNIST's own label order puts it at 0 for BreastMNIST (0 malignant,
+# 1 normal/benign) and at 1 for PneumoniaMNIST (0 normal, 1 pneumonia).
+POSITIVE_CLASS = {"breastmnist": "malignant", "pneumoniamnist": "pneumonia"}
 
 
 def default_root() -> str:
@@ -179,6 +183,9 @@ class MedMNISTDataModule(L.LightningDataModule):
         fold: which fold of ``folds_file`` is the validation fold.
         repeat: which repeat of ``folds_file`` to use.
         pin_memory: pin host memory in the DataLoaders (useful on GPU).
+        positive_class: binary sets: the class (name or index) that sensitivity, specificity,
+            F1 and the operating point are about. ``None`` takes it from ``POSITIVE_CLASS``
+            (the finding a clinician looks for, e.g. malignant for BreastMNIST), else class 1.
     """
 
     def __init__(
@@ -202,6 +209,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         fold: int | None = None,
         repeat: int = 0,
         pin_memory: bool = False,
+        positive_class: str | int | None = None,
     ) -> None:
         super().__init__()
         if flag not in INFO:
@@ -228,6 +236,7 @@ class MedMNISTDataModule(L.LightningDataModule):
             raise ValueError("folds_file and fold go together: give both or neither.")
         self.save_hyperparameters(logger=False)
         self.info = info
+        self._positive_index = self._resolve_positive_class(positive_class)
         self.root = Path(root if root is not None else default_root())
         self.batch_size_per_device = global_batch_size
         self.data_train: MedMNISTSplit | None = None
@@ -252,6 +261,30 @@ class MedMNISTDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.info["label"])
+
+    @property
+    def positive_index(self) -> int:
+        """Binary sets: index of the positive class (see ``positive_class``); else 1, unused."""
+        return self._positive_index
+
+    def _resolve_positive_class(self, positive_class: str | int | None) -> int:
+        flag, names = self.hparams.flag, self.class_names
+        if self.task != "binary":
+            if positive_class is not None:
+                raise ValueError(
+                    f"positive_class is for binary sets; {flag} is a {self.task} task."
+                )
+            return 1
+        if positive_class is None:
+            positive_class = POSITIVE_CLASS.get(flag, 1)
+        if isinstance(positive_class, int) and positive_class in range(len(names)):
+            return positive_class
+        if positive_class in names:
+            return names.index(positive_class)
+        raise ValueError(
+            f"positive_class {positive_class!r} is not a class of {flag}: give one of {names} "
+            f"or its index."
+        )
 
     @property
     def in_chans(self) -> int:

@@ -1,7 +1,10 @@
-"""Task-aware torchmetrics collections (one per stage, keys ``stage/name``)."""
+"""Task-aware torchmetrics collections (one per stage, keys ``stage/name``), operating points."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.classification import (
@@ -93,3 +96,62 @@ def build_metrics(task: str, num_classes: int, prefix: str) -> MetricCollection:
             metrics["mae"] = OrdinalMAE()
     # Compute groups would merge states across the compositional bal_acc; the saving is tiny.
     return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+
+
+def operating_threshold(
+    probs: np.ndarray, target: np.ndarray, target_sensitivity: float | None = None
+) -> float:
+    """A decision threshold on the positive class's probability, chosen on validation data.
+
+    A case is called positive when its probability is ``>= threshold`` (sklearn's ROC rule).
+
+    Args:
+        probs: (N,) probabilities of the positive class.
+        target: (N,) 1 for the positive class, 0 otherwise.
+        target_sensitivity: ``None`` picks the threshold of maximal Youden's J (sensitivity +
+            specificity - 1). A value in (0, 1] picks the highest threshold whose sensitivity
+            reaches it, i.e. the best specificity at that sensitivity.
+
+    Returns:
+        The threshold, or NaN when ``target`` lacks one of the two classes (no ROC curve).
+    """
+    from sklearn.metrics import roc_curve
+
+    target = np.asarray(target).astype(int)
+    if target.min(initial=1) == target.max(initial=0) or len(target) == 0:
+        return math.nan
+    fpr, tpr, thresholds = roc_curve(target, np.asarray(probs, dtype=np.float64))
+    if target_sensitivity is None:
+        index = int(np.argmax(tpr - fpr))  # first maximum: the highest such threshold
+    else:
+        index = int(np.argmax(tpr >= target_sensitivity - 1e-12))
+    # sklearn's first threshold is +inf (nothing positive); 1.0 says the same for probabilities.
+    return float(min(thresholds[index], 1.0))
+
+
+def operating_point_metrics(
+    probs: np.ndarray, target: np.ndarray, threshold: float
+) -> dict[str, float]:
+    """Accuracy, sensitivity, specificity, PPV, NPV and F1 of ``probs >= threshold``.
+
+    Returns:
+        ``{"threshold", "op_acc", "op_sens", "op_spec", "op_ppv", "op_npv", "op_f1"}``; a ratio
+        whose denominator is 0 is NaN.
+    """
+    target = np.asarray(target).astype(bool)
+    pred = np.asarray(probs) >= threshold
+    tp, fp = int(np.sum(pred & target)), int(np.sum(pred & ~target))
+    fn, tn = int(np.sum(~pred & target)), int(np.sum(~pred & ~target))
+
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else math.nan
+
+    return {
+        "threshold": float(threshold),
+        "op_acc": ratio(tp + tn, len(target)),
+        "op_sens": ratio(tp, tp + fn),
+        "op_spec": ratio(tn, tn + fp),
+        "op_ppv": ratio(tp, tp + fp),
+        "op_npv": ratio(tn, tn + fn),
+        "op_f1": ratio(2 * tp, 2 * tp + fp + fn),
+    }

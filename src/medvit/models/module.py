@@ -13,7 +13,12 @@ from timm.optim import create_optimizer_v2
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.aggregation import CatMetric
 
-from medvit.models.metrics import TASKS, build_metrics
+from medvit.models.metrics import (
+    TASKS,
+    build_metrics,
+    operating_point_metrics,
+    operating_threshold,
+)
 from medvit.models.vit import create_vit
 
 
@@ -30,6 +35,12 @@ class ViTClassifier(L.LightningModule):
         task: ``binary``, ``multiclass``, ``multilabel`` or ``ordinal``. Binary uses two logits
             with softmax; multi-label uses one sigmoid per label.
         class_names: names written next to predicted probabilities.
+        positive_class: binary tasks: the class that sensitivity, specificity, F1 and the
+            operating point are about (the data module links it, e.g. malignant for
+            BreastMNIST, whose class 0 that is).
+        target_sensitivity: binary tasks: the operating point is the highest threshold on the
+            positive class's probability whose validation sensitivity reaches this value;
+            ``None`` maximises Youden's J instead. It is applied unchanged to the test split.
         model_name: any timm ViT, e.g. ``vit_tiny_patch16_224`` or
             ``vit_small_patch16_224.augreg_in21k`` (a pretrained tag).
         patch_size: patch side in pixels; ``None`` keeps the model's.
@@ -62,6 +73,8 @@ class ViTClassifier(L.LightningModule):
         img_size: int = 28,
         task: str = "binary",
         class_names: list[str] | None = None,
+        positive_class: int = 1,
+        target_sensitivity: float | None = None,
         model_name: str = "vit_tiny_patch16_224",
         patch_size: int | None = 4,
         pos_embed: str = "learn",
@@ -98,6 +111,10 @@ class ViTClassifier(L.LightningModule):
             )
         if isinstance(class_weights, list) and len(class_weights) != num_classes:
             raise ValueError(f"{len(class_weights)} class_weights for {num_classes} classes.")
+        if task == "binary" and positive_class not in (0, 1):
+            raise ValueError(f"positive_class of a binary task is 0 or 1, got {positive_class}.")
+        if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
+            raise ValueError(f"target_sensitivity must lie in (0, 1], got {target_sensitivity}.")
         self.save_hyperparameters()
         self.net = create_vit(
             model_name,
@@ -131,6 +148,11 @@ class ViTClassifier(L.LightningModule):
         # Test predictions gathered across ranks by torchmetrics, for reports and CV ensembles.
         self.test_index, self.test_probs, self.test_target = CatMetric(), CatMetric(), CatMetric()
         self.test_predictions: dict[str, np.ndarray] | None = None
+        # Binary tasks: validation probabilities of the positive class choose the operating
+        # threshold. A buffer, so best.ckpt carries the threshold of its own validation epoch.
+        self.val_pos_probs = CatMetric(nan_strategy="disable")
+        self.val_pos_target = CatMetric(nan_strategy="disable")
+        self.register_buffer("op_threshold", torch.tensor(float("nan")))
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +170,18 @@ class ViTClassifier(L.LightningModule):
         return logits.softmax(dim=1)
 
     def _metric_input(self, probs: torch.Tensor) -> torch.Tensor:
-        return probs[:, 1] if self.hparams.task == "binary" else probs
+        """Binary: the positive class's probability (B,); else all of them (B, C)."""
+        return probs[:, self.hparams.positive_class] if self.hparams.task == "binary" else probs
+
+    def _metric_target(self, target: torch.Tensor) -> torch.Tensor:
+        """Binary: 1 for the positive class, 0 otherwise; else the target unchanged."""
+        if self.hparams.task != "binary":
+            return target
+        return (target == self.hparams.positive_class).long()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints from before operating points have no threshold: none is applied.
+        checkpoint["state_dict"].setdefault("op_threshold", torch.tensor(float("nan")))
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (single-label) or BCE-with-logits (multi-label)."""
@@ -210,7 +243,11 @@ class ViTClassifier(L.LightningModule):
         x, y, _ = batch
         logits = self(x)
         self.val_loss.update(self.loss(logits, y), weight=len(y))
-        self.val_metrics.update(self._metric_input(self.probabilities(logits)), y)
+        probs, target = self._metric_input(self.probabilities(logits)), self._metric_target(y)
+        self.val_metrics.update(probs, target)
+        if self.hparams.task == "binary":
+            self.val_pos_probs.update(probs.float())
+            self.val_pos_target.update(target)
 
     def on_validation_epoch_end(self) -> None:
         # compute() syncs the states across ranks; per-step sync_dist logging would instead hang
@@ -224,6 +261,16 @@ class ViTClassifier(L.LightningModule):
         self.log_dict(values)
         self.val_metrics.reset()
         self.val_loss.reset()
+        if self.hparams.task == "binary" and self.val_pos_probs.update_called:
+            # compute() gathers every rank's cases, so all ranks choose the same threshold.
+            probs = self.val_pos_probs.compute().cpu().numpy()
+            target = self.val_pos_target.compute().cpu().numpy()
+            self.val_pos_probs.reset()
+            self.val_pos_target.reset()
+            threshold = operating_threshold(probs, target, self.hparams.target_sensitivity)
+            self.op_threshold.fill_(threshold)
+            op = operating_point_metrics(probs, target, threshold)
+            self.log_dict({f"val/{k}": v for k, v in op.items()})
 
     def on_test_epoch_start(self) -> None:
         for metric in (self.test_index, self.test_probs, self.test_target):
@@ -235,7 +282,7 @@ class ViTClassifier(L.LightningModule):
         logits = self(x)
         probs = self.probabilities(logits)
         self.test_loss.update(self.loss(logits, y), weight=len(y))
-        self.test_metrics.update(self._metric_input(probs), y)
+        self.test_metrics.update(self._metric_input(probs), self._metric_target(y))
         self.test_index.update(index)
         self.test_probs.update(probs.float())
         self.test_target.update(y)
@@ -253,6 +300,14 @@ class ViTClassifier(L.LightningModule):
             "probs": self.test_probs.compute().cpu().numpy()[order],
             "target": self.test_target.compute().cpu().numpy()[order],
         }
+        threshold = float(self.op_threshold)
+        if self.hparams.task == "binary" and math.isfinite(threshold):
+            # The validation split's operating point, applied unchanged to the test split.
+            pos = self.hparams.positive_class
+            preds = self.test_predictions
+            target = preds["target"].reshape(-1) == pos
+            op = operating_point_metrics(preds["probs"][:, pos], target, threshold)
+            self.log_dict({f"test/{k}": v for k, v in op.items()})
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         x, _, index = batch
