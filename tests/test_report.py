@@ -209,7 +209,8 @@ def test_run_report_numbers_and_plots_match_the_run_files(real_runs):
     recall = tmf.multiclass_recall(*preds.tensors(), num_classes=2, average=None)
     cells = [c for c in page.cells if c.get("data-metric") == "recall"]
     assert [c["text"] for c in cells] == [f"{v:.4f}" for v in recall.tolist()]
-    assert recall[1].item() == pytest.approx(metrics["test"]["sens"], abs=1e-6)
+    # Sensitivity is the recall of BreastMNIST's positive class, malignant (class 0).
+    assert recall[0].item() == pytest.approx(metrics["test"]["sens"], abs=1e-6)
 
     # Self-contained: only data: URIs and in-page anchors; inline scripts only.
     assert page.links and all(v.startswith(("data:", "#")) for _, v in page.links), page.links
