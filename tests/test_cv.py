@@ -185,6 +185,36 @@ def test_aggregate_matches_student_t() -> None:
     assert one["mean"] == 0.8 and one["std"] is None and one["ci95_low"] is None
 
 
+def test_confidence_intervals_stay_inside_each_metrics_range() -> None:
+    # Two folds: t(0.975, 1) = 12.7, so the raw interval leaves [0, 1] (seen: acc up to 1.147,
+    # ECE down to -0.80).
+    acc = cv.aggregate([0.95, 0.70], cv.METRIC_RANGES["acc"])
+    ece = cv.aggregate([0.02, 0.30], cv.METRIC_RANGES["ece"])
+    qwk = cv.aggregate([-0.9, 0.9], cv.METRIC_RANGES["qwk"])
+    assert (acc["ci95_low"], acc["ci95_high"]) == (0.0, 1.0)
+    assert (ece["ci95_low"], ece["ci95_high"]) == (0.0, 1.0)
+    assert (qwk["ci95_low"], qwk["ci95_high"]) == (-1.0, 1.0)
+    # Inside the range nothing changes.
+    narrow = cv.aggregate([0.81, 0.84, 0.79, 0.86, 0.83], cv.METRIC_RANGES["auroc"])
+    assert narrow == cv.aggregate([0.81, 0.84, 0.79, 0.86, 0.83])
+    summary = {
+        "runs": [
+            {"run": f"fold-{i}", "fold": i, "val": {"acc": v}, "test": {}}
+            for i, v in enumerate((0.95, 0.70))
+        ],
+        "runs_completed": 2,
+        "runs_expected": 2,
+        "val": {"acc": acc},
+        "test": {},
+        "ensemble": None,
+        "missing": [],
+        "ci_method": cv.CI_METHOD,
+    }
+    table = cv.format_table(summary)
+    assert "clipped to the metric's range" in table
+    assert "Only 2 runs: t(0.975, 1) = 12.7" in table and "--repeats 3" in table
+
+
 def test_cv_writes_folds_runs_and_summary_and_resumes(fake_cv, capsys) -> None:
     fit = FakeFit(fail={"r0-f1": True, "r1-f0": False})
     code = fake_cv(["--folds", "2", "--repeats", "2", "--seed", "3"], fit)

@@ -426,8 +426,28 @@ def fold_command(
 
 
 # ---------------------------------------------------------------------------------- summary
-def aggregate(values: list[float]) -> dict[str, Any]:
-    """Mean, sample std (ddof=1) and 95% Student-t confidence interval of the mean."""
+# The range each metric can take; confidence intervals are clipped to it.
+_UNIT = (0.0, 1.0)
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    **dict.fromkeys(("auroc", "acc", "bal_acc", "f1", "sens", "spec", "ece", "threshold"), _UNIT),
+    **dict.fromkeys(("op_acc", "op_sens", "op_spec", "op_ppv", "op_npv", "op_f1"), _UNIT),
+    "qwk": (-1.0, 1.0),
+    "mae": (0.0, math.inf),
+    "loss": (0.0, math.inf),
+}
+CI_METHOD = (
+    "95% Student-t interval of the mean over runs (t(0.975, n-1) * std / sqrt(n), std with "
+    "ddof=1), clipped to the metric's range (e.g. [0, 1] for AUROC, accuracy and ECE)"
+)
+
+
+def aggregate(values: list[float], bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Mean, sample std (ddof=1) and 95% Student-t confidence interval of the mean.
+
+    Args:
+        values: one value per run.
+        bounds: the metric's range; the interval is clipped to it (see ``METRIC_RANGES``).
+    """
     from scipy import stats
 
     x = np.asarray(values, dtype=np.float64)
@@ -437,7 +457,9 @@ def aggregate(values: list[float]) -> dict[str, Any]:
         return {"mean": mean, "std": None, "ci95_low": None, "ci95_high": None, "n": n}
     std = float(x.std(ddof=1))
     half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
+    low, high = bounds or (-math.inf, math.inf)
+    ci_low, ci_high = max(mean - half, low), min(mean + half, high)
+    return {"mean": mean, "std": std, "ci95_low": ci_low, "ci95_high": ci_high, "n": n}
 
 
 def ensemble_predictions(paths: list[Path]) -> dict[str, np.ndarray]:
@@ -552,8 +574,10 @@ def summarize(
     for stage in ("val", "test"):
         names = sorted({m for r in per_run for m in r[stage]})
         summary[stage] = {
-            m: aggregate([r[stage][m] for r in per_run if m in r[stage]]) for m in names
+            m: aggregate([r[stage][m] for r in per_run if m in r[stage]], METRIC_RANGES.get(m))
+            for m in names
         }
+    summary["ci_method"] = CI_METHOD
     summary["ensemble"] = None
     pred_paths = [run_dir / PREDICTIONS_FILE for _, run_dir, _ in done]
     pred_paths = [p for p in pred_paths if p.is_file()]
@@ -640,6 +664,16 @@ def format_table(summary: dict[str, Any]) -> str:
         )
     for m in summary["missing"]:
         lines.append(f"MISSING {m['run']}: {m['reason']}; log: {m['log']}")
+    lines.append(f"95% CI: {summary.get('ci_method', CI_METHOD)}.")
+    n = len(summary["runs"])
+    if 1 < n < 5:
+        from scipy import stats
+
+        lines.append(
+            f"Only {n} runs: t(0.975, {n - 1}) = {stats.t.ppf(0.975, n - 1):.1f} makes the "
+            "interval wide. --folds 5, or --repeats 3 for a steadier mean, gives a more useful "
+            "estimate."
+        )
     return "\n".join(lines)
 
 

@@ -578,6 +578,9 @@ def _cv_stage_table(cv: CVRun, stage: str) -> str:
         if stage == "val"
         else "Test (official test split)"
     )
+    method = cv.summary.get("ci_method")
+    if method:
+        title += f". 95% CI: {method}."
     return _table(["fold", *keys], rows, cls="folds", caption=title)
 
 
