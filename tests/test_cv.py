@@ -215,6 +215,21 @@ def test_confidence_intervals_stay_inside_each_metrics_range() -> None:
     assert "Only 2 runs: t(0.975, 1) = 12.7" in table and "--repeats 3" in table
 
 
+def test_offline_cv_prints_one_wandb_sync_command_for_every_run(tmp_path) -> None:
+    runs = [
+        tmp_path / "runs" / "fold-0" / "wandb" / "offline-run-20261130_000000-a",
+        tmp_path / "runs" / "fold-1" / "wandb" / "offline-run-20261130_000001-b",
+        tmp_path / "wandb" / "offline-run-20261130_000002-summary",
+    ]
+    for run in runs:
+        run.mkdir(parents=True)
+    offline = {"enabled": True, "mode": "offline"}
+    command = cv.wandb_sync_command(tmp_path, offline)
+    assert command == "wandb sync " + " ".join(str(r) for r in sorted(runs))
+    assert cv.wandb_sync_command(tmp_path, {"enabled": False, "mode": "offline"}) is None
+    assert cv.wandb_sync_command(tmp_path, {"enabled": True, "mode": "disabled"}) is None
+
+
 def test_cv_writes_folds_runs_and_summary_and_resumes(fake_cv, capsys) -> None:
     fit = FakeFit(fail={"r0-f1": True, "r1-f0": False})
     code = fake_cv(["--folds", "2", "--repeats", "2", "--seed", "3"], fit)

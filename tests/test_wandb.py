@@ -88,9 +88,12 @@ def read_offline_run(run_dir: Path, timeout: float = 60.0) -> SimpleNamespace:
         assert time.monotonic() < deadline, f"{log} has no exit record after {timeout}s"
         time.sleep(0.5)
     history, summary, config, artifacts, environment = [], {}, {}, [], []
+    group = None
     for record in records:
         kind = record.WhichOneof("record_type")
-        if kind == "history":
+        if kind == "run":
+            group = record.run.run_group
+        elif kind == "history":
             history.append(_items(record.history.item))
         elif kind == "summary":
             summary.update(_items(record.summary.update))
@@ -107,6 +110,7 @@ def read_offline_run(run_dir: Path, timeout: float = 60.0) -> SimpleNamespace:
         config=config,
         artifacts=artifacts,
         environment=environment,
+        group=group,
     )
 
 
@@ -195,6 +199,25 @@ def test_offline_run_logs_config_curves_test_media_and_checkpoint(
             assert len(set(im.convert("L").getdata())) > 10, f"{key} looks blank"
     assert row["test/confusion_matrix_table_table"]["_type"] == "table-file"
 
+    # Native line plots of the same curves, which wandb can overlay across runs and folds.
+    tables = {
+        name: json.loads(Path(e.local_path).read_text())
+        for a in run.artifacts
+        if a.type == "run_table"
+        for name in ("roc_curve", "pr_curve", "reliability_curve")
+        if name in a.name
+        for e in a.manifest.contents
+        if e.path.endswith(".table.json")
+    }
+    assert set(tables) == {"roc_curve", "pr_curve", "reliability_curve"}
+    for name in tables:
+        assert row[f"test/{name}_table"]["_type"] == "table-file"
+    roc = tables["roc_curve"]
+    assert roc["columns"] == ["step", "lineKey", "lineVal"]
+    # One line, the positive class (malignant), labelled with the run's test AUROC.
+    assert {r[1] for r in roc["data"]} == {f"malignant (AUC {metrics['test']['auroc']:.3f})"}
+    assert run.group == ""  # a single run is in no group (medvit cv sets one for its folds)
+
     # The opt-in table: misclassified test images, identified by split and index only. Tables
     # travel as "run_table" artifacts (the JSON and its images), staged for `wandb sync`.
     assert row["test/misclassified"]["_type"] == "table-file"
@@ -245,10 +268,11 @@ def test_predictions_table_and_checkpoint_are_off_by_default(offline, synthetic_
     keys = set().union(*run.history)
     assert "test/roc" in keys and "test/reliability" in keys
     assert "test/misclassified" not in keys
-    # No checkpoint, and the only table (the confusion matrix counts) carries no images.
-    assert [a.type for a in run.artifacts] == ["run_table"]
-    assert [e.path for e in run.artifacts[0].manifest.contents] == [
-        "test/confusion_matrix_table_table.table.json"
+    # No checkpoint, and the tables (confusion counts, curve points) carry no images.
+    assert {a.type for a in run.artifacts} == {"run_table"}
+    assert sorted(e.path for a in run.artifacts for e in a.manifest.contents) == [
+        f"test/{name}_table.table.json"
+        for name in ("confusion_matrix_table", "pr_curve", "reliability_curve", "roc_curve")
     ]
     images = sorted(p.name.split("_")[0] for p in (run.dir / "files").rglob("*.png"))
     assert images == ["confusion", "confusion", "pr", "reliability", "roc"]

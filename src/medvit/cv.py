@@ -677,6 +677,20 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def wandb_sync_command(cv_dir: Path, wandb_config: dict[str, Any]) -> str | None:
+    """The ``wandb sync`` command for this CV's offline runs (folds and summary), if any."""
+    from medvit.tracking import resolve_wandb_mode
+
+    if not wandb_config.get("enabled"):
+        return None
+    if resolve_wandb_mode(wandb_config.get("mode", "auto")) != "offline":
+        return None
+    runs = sorted(cv_dir.glob("**/wandb/offline-run-*"))
+    if not runs:
+        return None
+    return "wandb sync " + " ".join(shlex.quote(str(r)) for r in runs)
+
+
 def log_wandb_summary(
     summary: dict[str, Any], wandb_config: dict[str, Any], group: str, cv_dir: Path
 ) -> str | None:
@@ -847,6 +861,9 @@ def run_cv(argv: list[str]) -> int:
     print(f"Summary: {cv_dir / SUMMARY_JSON} and {cv_dir / SUMMARY_CSV}")
     if wandb_dir:
         print(f"wandb summary run: {wandb_dir}")
+    sync = wandb_sync_command(cv_dir, wandb_config)
+    if sync:
+        print(f"The wandb runs are offline; upload them all with:\n  {sync}")
     if summary["missing"]:
         print(
             f"{len(summary['missing'])} of {len(runs)} runs are missing; the statistics above "

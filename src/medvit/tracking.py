@@ -25,7 +25,8 @@ class WandbOptions:
         enabled: log to wandb as well as to CSV.
         project: wandb project.
         entity: wandb team or user; ``None`` is your default entity.
-        group: run group (CV folds share one); ``None`` uses the experiment name.
+        group: run group; ``None``: none. ``medvit cv`` sets it to the CV's name for its folds
+            and summary run, so a grouped view holds one CV and never single runs.
         name: run name; ``None`` uses the run directory's name.
         job_type: wandb job type, e.g. ``train`` or ``fold``.
         tags: run tags.
@@ -129,7 +130,7 @@ def build_loggers(run_dir: Path, experiment: str, wandb: WandbOptions) -> list[L
                     save_dir=str(run_dir),
                     project=wandb.project,
                     entity=wandb.entity,
-                    group=wandb.group or experiment,
+                    group=wandb.group,
                     name=wandb.name or f"{experiment}/{run_dir.name}",
                     job_type=wandb.job_type,
                     tags=list(wandb.tags) or None,

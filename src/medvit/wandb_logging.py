@@ -202,6 +202,7 @@ class WandbTestMedia(L.Callback):
 
         preds = plots.Predictions.from_module(pl_module)
         media = self.media(preds)
+        media.update(self.curve_panels(preds))
         if preds.task != "multilabel":
             media["test/confusion_matrix_table"] = wandb.plot.confusion_matrix(
                 y_true=preds.target.tolist(),
@@ -237,6 +238,48 @@ class WandbTestMedia(L.Callback):
         for key, fig in figures.items():
             image = Image.open(io.BytesIO(plots.figure_to_png(fig, dpi=self.dpi)))
             out[key] = wandb.Image(image.convert("RGB"), caption=key.split("/")[-1])
+        return out
+
+    def curve_panels(self, preds: plots.Predictions, max_points: int = 500) -> dict[str, Any]:
+        """ROC, PR and reliability as native wandb line plots, which overlay across runs.
+
+        The curves are the report's own (``plots.roc_curves`` etc.), each thinned to at most
+        ``max_points`` points with its ends kept.
+        """
+        import wandb
+
+        from medvit import plots
+
+        def thin(x: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float]]:
+            keep = np.unique(np.linspace(0, len(x) - 1, min(len(x), max_points)).round())
+            keep = keep.astype(int)
+            return x[keep].tolist(), y[keep].tolist()
+
+        out = {}
+        for key, curves, stat, xname, title in (
+            ("test/roc_curve", plots.roc_curves(preds), "AUC", "1 - specificity", "Test ROC"),
+            ("test/pr_curve", plots.pr_curves(preds), "AP", "recall", "Test precision-recall"),
+        ):
+            if curves:
+                lines = [thin(np.asarray(c[1]), np.asarray(c[2])) for c in curves]
+                out[key] = wandb.plot.line_series(
+                    xs=[x for x, _ in lines],
+                    ys=[y for _, y in lines],
+                    keys=[f"{c[0]} ({stat} {c[3]:.3f})" for c in curves],
+                    title=title,
+                    xname=xname,
+                )
+        bins = plots.calibration_bins(preds)
+        filled = np.isfinite(bins["confidence"])
+        if filled.any():
+            conf = bins["confidence"][filled].tolist()
+            out["test/reliability_curve"] = wandb.plot.line_series(
+                xs=[conf, [0.0, 1.0]],
+                ys=[bins["accuracy"][filled].tolist(), [0.0, 1.0]],
+                keys=[f"observed (ECE {bins['ece']:.3f})", "perfectly calibrated"],
+                title="Test reliability",
+                xname=str(bins["xlabel"]),
+            )
         return out
 
     def misclassified_table(self, trainer: L.Trainer, preds: plots.Predictions) -> Any:
