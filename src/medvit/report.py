@@ -52,6 +52,9 @@ METRIC_ORDER = (
     "qwk",
     "mae",
     "ece",
+    "ece_uncalibrated",
+    "ece_calibrated",
+    "temperature",
     "loss",
 )
 METRIC_NAMES = {
@@ -64,6 +67,9 @@ METRIC_NAMES = {
     "qwk": "quadratic weighted kappa",
     "mae": "mean absolute error (grades)",
     "ece": "expected calibration error",
+    "ece_calibrated": "ECE after temperature scaling",
+    "ece_uncalibrated": "ECE before temperature scaling",
+    "temperature": "temperature fitted on validation",
     "loss": "loss",
 }
 # Binary runs: what each metric is about, with the positive class's name in place of {pos}.

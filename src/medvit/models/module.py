@@ -41,6 +41,10 @@ class ViTClassifier(L.LightningModule):
         target_sensitivity: binary tasks: the operating point is the highest threshold on the
             positive class's probability whose validation sensitivity reaches this value;
             ``None`` maximises Youden's J instead. It is applied unchanged to the test split.
+        temperature_scaling: fit one temperature T on the validation split's logits (Guo et
+            al. 2017: the NLL-optimal T, probabilities softmax(logits / T)) after each
+            validation epoch. Test metrics, predictions and exports then use it; validation
+            metrics and model selection do not. Accuracy is unchanged.
         model_name: any timm ViT, e.g. ``vit_tiny_patch16_224`` or
             ``vit_small_patch16_224.augreg_in21k`` (a pretrained tag).
         patch_size: patch side in pixels; ``None`` keeps the model's.
@@ -75,6 +79,7 @@ class ViTClassifier(L.LightningModule):
         class_names: list[str] | None = None,
         positive_class: int = 1,
         target_sensitivity: float | None = None,
+        temperature_scaling: bool = False,
         model_name: str = "vit_tiny_patch16_224",
         patch_size: int | None = 4,
         pos_embed: str = "learn",
@@ -147,12 +152,15 @@ class ViTClassifier(L.LightningModule):
         self.val_auroc_best = MaxMetric()
         # Test predictions gathered across ranks by torchmetrics, for reports and CV ensembles.
         self.test_index, self.test_probs, self.test_target = CatMetric(), CatMetric(), CatMetric()
+        self.test_logits = CatMetric(nan_strategy="disable")  # for the ECE before calibration
         self.test_predictions: dict[str, np.ndarray] | None = None
         # Binary tasks: validation probabilities of the positive class choose the operating
         # threshold. A buffer, so best.ckpt carries the threshold of its own validation epoch.
-        self.val_pos_probs = CatMetric(nan_strategy="disable")
-        self.val_pos_target = CatMetric(nan_strategy="disable")
+        self.val_logits = CatMetric(nan_strategy="disable")
+        self.val_target = CatMetric(nan_strategy="disable")
         self.register_buffer("op_threshold", torch.tensor(float("nan")))
+        # 1 unless temperature_scaling fits one on validation; travels in the checkpoint too.
+        self.register_buffer("temperature", torch.tensor(1.0))
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,8 +171,17 @@ class ViTClassifier(L.LightningModule):
         """Pooled pre-logit features, shape (B, D); for distillation and embeddings."""
         return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-class probabilities (B, C): softmax, or sigmoid per label for multi-label."""
+    def probabilities(
+        self, logits: torch.Tensor, temperature: float | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-class probabilities (B, C): softmax, or sigmoid per label for multi-label.
+
+        Args:
+            logits: (B, C) logits.
+            temperature: divides the logits; ``None`` uses the fitted one (1 without
+                ``temperature_scaling``).
+        """
+        logits = logits / (self.temperature if temperature is None else temperature)
         if self.hparams.task == "multilabel":
             return logits.sigmoid()
         return logits.softmax(dim=1)
@@ -182,6 +199,7 @@ class ViTClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints from before operating points have no threshold: none is applied.
         checkpoint["state_dict"].setdefault("op_threshold", torch.tensor(float("nan")))
+        checkpoint["state_dict"].setdefault("temperature", torch.tensor(1.0))
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (single-label) or BCE-with-logits (multi-label)."""
@@ -243,11 +261,12 @@ class ViTClassifier(L.LightningModule):
         x, y, _ = batch
         logits = self(x)
         self.val_loss.update(self.loss(logits, y), weight=len(y))
-        probs, target = self._metric_input(self.probabilities(logits)), self._metric_target(y)
-        self.val_metrics.update(probs, target)
-        if self.hparams.task == "binary":
-            self.val_pos_probs.update(probs.float())
-            self.val_pos_target.update(target)
+        # Uncalibrated (T = 1): model selection must not depend on the last epoch's temperature.
+        probs = self.probabilities(logits, temperature=1.0)
+        self.val_metrics.update(self._metric_input(probs), self._metric_target(y))
+        if self.hparams.task == "binary" or self.hparams.temperature_scaling:
+            self.val_logits.update(logits.float())
+            self.val_target.update(y)
 
     def on_validation_epoch_end(self) -> None:
         # compute() syncs the states across ranks; per-step sync_dist logging would instead hang
@@ -261,19 +280,39 @@ class ViTClassifier(L.LightningModule):
         self.log_dict(values)
         self.val_metrics.reset()
         self.val_loss.reset()
-        if self.hparams.task == "binary" and self.val_pos_probs.update_called:
-            # compute() gathers every rank's cases, so all ranks choose the same threshold.
-            probs = self.val_pos_probs.compute().cpu().numpy()
-            target = self.val_pos_target.compute().cpu().numpy()
-            self.val_pos_probs.reset()
-            self.val_pos_target.reset()
-            threshold = operating_threshold(probs, target, self.hparams.target_sensitivity)
+        if self.val_logits.update_called:
+            self._fit_on_validation()
+
+    def _fit_on_validation(self) -> None:
+        """Fit the temperature, then the operating threshold on the calibrated probabilities."""
+        # compute() gathers every rank's cases, so all ranks fit the same values.
+        logits = self.val_logits.compute().double().cpu()  # (N, C)
+        target = self.val_target.compute().cpu()
+        self.val_logits.reset()
+        self.val_target.reset()
+        if self.hparams.temperature_scaling:
+            temperature = fit_temperature(logits, target, self.hparams.task)
+            self.temperature.fill_(temperature)
+            probs = self.probabilities(logits, temperature=temperature)
+            values = {"temperature": temperature, "ece_calibrated": self._ece(probs, target)}
+            self.log_dict({f"val/{k}": v for k, v in values.items()})
+        if self.hparams.task == "binary":
+            # The threshold is on the probabilities test will see: with the fitted temperature.
+            probs = self._metric_input(self.probabilities(logits)).numpy()
+            pos_target = self._metric_target(target).numpy()
+            threshold = operating_threshold(probs, pos_target, self.hparams.target_sensitivity)
             self.op_threshold.fill_(threshold)
-            op = operating_point_metrics(probs, target, threshold)
+            op = operating_point_metrics(probs, pos_target, threshold)
             self.log_dict({f"val/{k}": v for k, v in op.items()})
 
+    def _ece(self, probs: torch.Tensor, target: torch.Tensor) -> float:
+        """The ``ece`` metric of this task for ``probs``, computed apart from the collections."""
+        metric = build_metrics(self.hparams.task, self.hparams.num_classes, prefix="")["ece"]
+        metric.update(self._metric_input(probs.float()), self._metric_target(target))
+        return float(metric.compute())
+
     def on_test_epoch_start(self) -> None:
-        for metric in (self.test_index, self.test_probs, self.test_target):
+        for metric in (self.test_index, self.test_probs, self.test_target, self.test_logits):
             metric.reset()
         self.test_predictions = None
 
@@ -286,6 +325,8 @@ class ViTClassifier(L.LightningModule):
         self.test_index.update(index)
         self.test_probs.update(probs.float())
         self.test_target.update(y)
+        if self.hparams.temperature_scaling:
+            self.test_logits.update(logits.float())
 
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
@@ -300,6 +341,13 @@ class ViTClassifier(L.LightningModule):
             "probs": self.test_probs.compute().cpu().numpy()[order],
             "target": self.test_target.compute().cpu().numpy()[order],
         }
+        if self.hparams.temperature_scaling and self.test_logits.update_called:
+            logits = self.test_logits.compute().double().cpu()[order]
+            target = torch.from_numpy(self.test_predictions["target"])
+            uncalibrated = self._ece(self.probabilities(logits, temperature=1.0), target)
+            self.log_dict(
+                {"test/temperature": float(self.temperature), "test/ece_uncalibrated": uncalibrated}
+            )
         threshold = float(self.op_threshold)
         if self.hparams.task == "binary" and math.isfinite(threshold):
             # The validation split's operating point, applied unchanged to the test split.
@@ -365,6 +413,34 @@ class ViTClassifier(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
+
+
+def fit_temperature(logits: torch.Tensor, target: torch.Tensor, task: str) -> float:
+    """The temperature T > 0 that minimises the NLL of ``logits / T`` (Guo et al. 2017).
+
+    Args:
+        logits: (N, C) logits.
+        target: (N,) class indices, or (N, C) 0/1 labels for multi-label.
+        task: the module's task (multi-label uses a sigmoid per label).
+    """
+    # Validation hooks run in inference mode, where autograd is off even under enable_grad.
+    with torch.inference_mode(False), torch.enable_grad():
+        logits, target = logits.detach().clone().double(), target.detach().clone()
+        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)  # T = exp(log_t) > 0
+        optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+        def nll() -> torch.Tensor:
+            optimizer.zero_grad()
+            scaled = logits / log_t.exp()
+            if task == "multilabel":
+                loss = F.binary_cross_entropy_with_logits(scaled, target.double())
+            else:
+                loss = F.cross_entropy(scaled, target.long().reshape(-1))
+            loss.backward()
+            return loss
+
+        optimizer.step(nll)
+        return float(log_t.detach().exp())
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
