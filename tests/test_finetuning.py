@@ -34,7 +34,15 @@ def test_backbone_frozen_then_unfrozen_on_schedule(synthetic_root, tmp_path):
         global_batch_size=8,
         cache_dir=str(tmp_path / "cache"),
     )
-    model = ViTClassifier(patch_size=7, pos_embed="sincos", warmup_epochs=0)
+    model = ViTClassifier(
+        num_classes=2,
+        in_chans=1,
+        img_size=28,
+        task="binary",
+        patch_size=7,
+        pos_embed="sincos",
+        warmup_epochs=0,
+    )
     start = model.net.blocks[0].attn.qkv.weight.detach().clone()
     head0 = model.net.head.weight.detach().clone()
     snap = Snapshot()

@@ -211,6 +211,9 @@ class MedViTCLI(LightningCLI):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``medvit`` console script."""
+    from medvit.quiet import silence_known_noise
+
+    silence_known_noise()
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in EXTRA_COMMANDS:
         command, rest = words[0], words[1:]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -25,8 +25,10 @@ from medvit.models.vit import create_vit
 class ViTClassifier(L.LightningModule):
     """Fine-tune or train a timm Vision Transformer for medical image classification.
 
-    ``num_classes``, ``in_chans``, ``img_size``, ``task`` and ``class_names`` normally come from
-    the DataModule (the CLI links them).
+    ``num_classes``, ``in_chans``, ``img_size`` and ``task`` describe the data and have no
+    default; the CLI links them (and ``class_names``, ``positive_class``) from the DataModule.
+    The other defaults are the default recipe's (``configs/experiment/breastmnist.yaml``; a test
+    keeps the two equal), so ``ViTClassifier(**data_args)`` trains as ``medvit fit`` does.
 
     Args:
         num_classes: classes, or labels for a multi-label task.
@@ -48,7 +50,8 @@ class ViTClassifier(L.LightningModule):
         model_name: any timm ViT, e.g. ``vit_tiny_patch16_224`` or
             ``vit_small_patch16_224.augreg_in21k`` (a pretrained tag).
         patch_size: patch side in pixels; ``None`` keeps the model's.
-        pos_embed: ``learn`` (timm default) or ``sincos`` (fixed 2D sin-cos).
+        pos_embed: ``auto`` (fixed 2D sin-cos from scratch, the pretrained table when
+            fine-tuning), ``learn`` (timm's learned embedding) or ``sincos``.
         pretrained: ``False``, ``True`` (timm/hub weights of ``model_name``, needs internet) or
             a local ``.safetensors``/``.pth`` file. Position embeddings, patch embedding and
             input channels are adapted and the head is replaced when sizes differ.
@@ -72,27 +75,27 @@ class ViTClassifier(L.LightningModule):
 
     def __init__(
         self,
-        num_classes: int = 2,
-        in_chans: int = 1,
-        img_size: int = 28,
-        task: str = "binary",
+        num_classes: int,
+        in_chans: int,
+        img_size: int,
+        task: Literal["binary", "multiclass", "multilabel", "ordinal"],
         class_names: list[str] | None = None,
         positive_class: int = 1,
         target_sensitivity: float | None = None,
         temperature_scaling: bool = False,
         model_name: str = "vit_tiny_patch16_224",
         patch_size: int | None = 4,
-        pos_embed: str = "learn",
+        pos_embed: Literal["auto", "learn", "sincos"] = "auto",
         pretrained: bool | str = False,
         replace_pretrained_pos_embed: bool = False,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
-        lr: float = 1e-3,
+        lr: float = 5e-4,
         weight_decay: float = 0.05,
         layer_decay: float | None = None,
         warmup_epochs: float = 2.0,
         min_lr_ratio: float = 0.01,
-        label_smoothing: float = 0.0,
+        label_smoothing: float = 0.1,
         class_weights: str | list[float] | None = None,
         fused_optimizer: bool | None = None,
         compile: bool = False,
@@ -127,7 +130,7 @@ class ViTClassifier(L.LightningModule):
             in_chans=in_chans,
             img_size=img_size,
             patch_size=patch_size,
-            pos_embed=pos_embed,
+            pos_embed=resolve_pos_embed(pos_embed, pretrained),
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
             pretrained=pretrained,
@@ -413,6 +416,13 @@ class ViTClassifier(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
+
+
+def resolve_pos_embed(pos_embed: str, pretrained: bool | str) -> str:
+    """``auto``: sin-cos from scratch (better on small sets), the pretrained table otherwise."""
+    if pos_embed != "auto":
+        return pos_embed
+    return "learn" if pretrained is not False else "sincos"
 
 
 def fit_temperature(logits: torch.Tensor, target: torch.Tensor, task: str) -> float:
