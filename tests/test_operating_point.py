@@ -170,3 +170,17 @@ def test_curves_and_calibration_are_about_the_positive_class(breast_run):
     assert ap == pytest.approx(average_precision_score(malignant, p), abs=1e-6)
     bins = plots.calibration_bins(preds)
     assert "malignant" in bins["xlabel"]
+
+
+def test_report_of_a_parent_folder_compares_every_run_inside(breast_run, tmp_path):
+    import shutil
+
+    from medvit.report import build_report, expand_parents
+
+    parent = tmp_path / "breastmnist"
+    for name in ("20261130-090000", "20261130-100000"):
+        shutil.copytree(breast_run, parent / name)
+    (parent / "notes").mkdir()  # not a run: left out
+    assert expand_parents([parent]) == [parent / "20261130-090000", parent / "20261130-100000"]
+    html = build_report([parent], progress=False)
+    assert html.count('data-plot="roc"') >= 2 and "20261130-090000" in html

@@ -841,11 +841,38 @@ def _json_script(data: Any) -> str:
     return text.replace("</", "<\\/")
 
 
+def expand_parents(paths: Sequence[Path]) -> list[Path]:
+    """Each path as given, except a folder of run/CV folders, which becomes its sub-folders.
+
+    ``medvit report runs/breastmnist/`` then compares every run of that experiment (sorted by
+    name, i.e. by start time). A folder that is neither, and holds none, stays as given, so that
+    :func:`detect` names what is missing.
+    """
+    out: list[Path] = []
+    for path in paths:
+        try:
+            detect(path)
+            out.append(path)
+            continue
+        except ValueError:
+            pass
+        children = []
+        for child in sorted(path.iterdir()) if path.is_dir() else []:
+            try:
+                detect(child)
+                children.append(child)
+            except ValueError:
+                continue
+        out += children or [path]
+    return out
+
+
 def build_report(dirs: Sequence[str | Path], progress: bool | None = None) -> str:
     """The HTML report of run folders and/or CV folders.
 
     Args:
-        dirs: run folders (``metrics.json`` / ``config.yaml``) or CV folders (``cv_summary.json``).
+        dirs: run folders (``metrics.json`` / ``config.yaml``), CV folders (``cv_summary.json``),
+            or folders holding such folders (each is compared).
         progress: show a progress bar; default when there are more than two folders.
 
     Returns:
@@ -853,7 +880,7 @@ def build_report(dirs: Sequence[str | Path], progress: bool | None = None) -> st
     """
     if not dirs:
         raise ValueError("No folders given.")
-    paths = [Path(d) for d in dirs]
+    paths = expand_parents([Path(d) for d in dirs])
     kinds = [detect(p) for p in paths]  # fail before any slow work
     labels = _labels(paths)
     show = len(paths) > 2 if progress is None else progress
