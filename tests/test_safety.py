@@ -199,6 +199,19 @@ def test_truncated_checkpoint_is_one_line(command, fitted, tmp_path, capsys):
     assert f"cannot read {bad}" in last_error_line(capsys, exc_info)
 
 
+def test_checkpoint_of_another_model_is_one_line(fitted, tmp_path, capsys):
+    """A 28 px checkpoint tested at 56 px: Lightning's traceback lists every key; one line."""
+    _, run_dir = fitted
+    best = run_dir / "checkpoints" / "best.ckpt"
+    with pytest.raises(SystemExit) as exc_info:
+        main(
+            ["test", "-c", str(run_dir / "config.yaml"), "--ckpt_path", str(best)]
+            + ["--data.img_size=56", f"--run.root={tmp_path / 'runs'}"]
+        )
+    line = last_error_line(capsys, exc_info)
+    assert f"{best} does not fit this model: 'net.pos_embed' has shape" in line
+
+
 @pytest.mark.slow
 def test_cv_resume_never_runs_code_from_a_fold_checkpoint(fitted, tmp_path, monkeypatch):
     """A CV whose folds left ``last.ckpt`` files is rerun; the files carry the payload.

@@ -207,6 +207,47 @@ class MedViTCLI(LightningCLI):
             kwargs["weights_only"] = True
         return kwargs
 
+    def _check_checkpoint_fits_model(self) -> None:
+        """Refuse, in one line, a checkpoint whose weights do not fit the configured model.
+
+        Lightning would stop with a traceback listing every key, e.g. for a checkpoint of a
+        28 px run tested with a 64 px config.
+        """
+        ckpt_path = self._subconfig().get("ckpt_path")
+        if not ckpt_path or not is_local_file_path(ckpt_path):
+            return
+        saved = load_checkpoint(ckpt_path, mmap=True).get("state_dict")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{ckpt_path} holds no model weights (no 'state_dict').")
+        expected = self.model.state_dict()
+        for key, param in expected.items():
+            value = saved.get(key)
+            if value is None:
+                break
+            if tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{ckpt_path} does not fit this model: '{key}' has shape "
+                    f"{tuple(value.shape)} in the checkpoint but {tuple(param.shape)} in the model. "
+                    "Use the config of the run that wrote it (-c <run>/config.yaml)."
+                )
+        missing = [k for k in expected if k not in saved]
+        unexpected = [k for k in saved if k not in expected]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{ckpt_path} does not fit this model (missing from the checkpoint: "
+                f"{missing[:3]}, not in the model: {unexpected[:3]}). Use the config of the run "
+                "that wrote it (-c <run>/config.yaml)."
+            )
+
+    def before_fit(self) -> None:
+        self._check_checkpoint_fits_model()
+
+    def before_validate(self) -> None:
+        self._check_checkpoint_fits_model()
+
+    def before_test(self) -> None:
+        self._check_checkpoint_fits_model()
+
     def before_instantiate_classes(self) -> None:
         config = self._subconfig()
         if self.subcommand not in (None, "fit") and config.get("ckpt_path"):
