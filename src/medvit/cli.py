@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -9,12 +10,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from medvit.callbacks import METRICS_FILE, RunRecorder
 from medvit.data.files import DataFileError
 from medvit.data.medmnist import MedMNISTDataModule
+from medvit.models.checkpoint import CheckpointError, is_local_file_path, load_checkpoint
 from medvit.models.module import ViTClassifier
 from medvit.progress import DEFAULT_REFRESH_RATE, LossProgressBar
 from medvit.tracking import WandbOptions, build_loggers
@@ -44,14 +47,82 @@ def new_run_dir(root: str | os.PathLike, name: str, suffix: str = "") -> Path:
 
 
 def _run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
-    """The run folder of ``<run>/checkpoints/x.ckpt``, so a resumed fit continues in place."""
-    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+    """The run folder of ``<run>/checkpoints/x.ckpt`` (resolved), so a resumed fit continues in place."""
+    if not ckpt_path or not is_local_file_path(ckpt_path):
         return None
-    path = Path(ckpt_path)
+    path = Path(ckpt_path).expanduser().resolve()
     run_dir = path.parent.parent
     if path.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
         return run_dir
     return None
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``last.ckpt`` always holds the latest validated epoch.
+
+    Lightning 2.6 writes ``last.ckpt`` only at steps where a top-k checkpoint is written: with
+    ``save_top_k=1`` an epoch that did not improve the monitored metric left ``last.ckpt`` at
+    the best epoch, and a resume from it redid the epochs since. Its state keeps
+    ModelCheckpoint's key, so checkpoints of either class resume each other.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def _save_last_if_missed(self, trainer: L.Trainer) -> None:
+        # Skipped when a checkpoint was already written at this step (the top-k one, or last).
+        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+
+class CheckpointFolderFollowsRun(L.Callback):
+    """Keep ``best.ckpt``/``last.ckpt`` state when resuming a checkpoint whose folder moved.
+
+    ModelCheckpoint stores its folder, as spelled when it wrote the checkpoint, and drops its
+    best/last state on resume when the spelling differs (then writing ``best-v1.ckpt``). medvit
+    now resolves run folders, but checkpoints written before it did hold relative folders, and a
+    run folder may have been moved or copied. When the checkpoint being resumed lies in this
+    run's checkpoint folder, the stored paths are rewritten to that folder before
+    ModelCheckpoint reads them (Lightning calls every ``on_load_checkpoint`` first).
+    """
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        ckpt_path = trainer.ckpt_path
+        if not ckpt_path or not is_local_file_path(ckpt_path):
+            return
+        here = Path(ckpt_path).resolve().parent
+        states = checkpoint.get("callbacks") or {}
+        for callback in trainer.checkpoint_callbacks:
+            state = states.get(callback.state_key)
+            old = state.get("dirpath") if isinstance(state, dict) else None
+            new = callback.dirpath
+            if not old or not new or old == new or Path(new).resolve() != here:
+                continue
+
+            def moved(path: Any, old: str = old, new: str = new) -> Any:
+                if isinstance(path, str) and path and Path(path).parent == Path(old):
+                    return str(Path(new) / Path(path).name)
+                return path
+
+            state["dirpath"] = new
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                if key in state:
+                    state[key] = moved(state[key])
+            if isinstance(state.get("best_k_models"), dict):
+                state["best_k_models"] = {moved(k): v for k, v in state["best_k_models"].items()}
 
 
 class MedViTCLI(LightningCLI):
@@ -67,6 +138,7 @@ class MedViTCLI(LightningCLI):
                     LearningRateMonitor(logging_interval="epoch"),
                     RunRecorder(),
                     WandbTestMedia(),
+                    CheckpointFolderFollowsRun(),
                 ]
             },
         )
@@ -83,7 +155,7 @@ class MedViTCLI(LightningCLI):
         for key in ("num_classes", "in_chans", "img_size", "task", "class_names"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
         parser.link_arguments("data.positive_index", "model.positive_class", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/auroc",
@@ -117,6 +189,73 @@ class MedViTCLI(LightningCLI):
     def _subconfig(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        if config is None:
+            return
+        if config.get("weights_only") is False:
+            raise CheckpointError(
+                "--weights_only false is not supported: medvit loads checkpoints with "
+                "torch.load(weights_only=True) only, so that a checkpoint cannot run code."
+            )
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and is_local_file_path(ckpt_path):
+            # Refuse a missing, corrupt or code-carrying checkpoint in one line, before Lightning
+            # reads it (LightningCLI reads its hyper-parameters right after parsing). mmap: the
+            # check costs no tensor reads.
+            load_checkpoint(ckpt_path, mmap=True)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        # Lightning passes weights_only=None on to torch.load, which the environment variable
+        # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD turns into a full (code-running) unpickling.
+        if "weights_only" in inspect.signature(getattr(self.trainer, subcommand)).parameters:
+            kwargs["weights_only"] = True
+        return kwargs
+
+    def _check_checkpoint_fits_model(self) -> None:
+        """Refuse, in one line, a checkpoint whose weights do not fit the configured model.
+
+        Lightning would stop with a traceback listing every key, e.g. for a checkpoint of a
+        28 px run tested with a 64 px config.
+        """
+        ckpt_path = self._subconfig().get("ckpt_path")
+        if not ckpt_path or not is_local_file_path(ckpt_path):
+            return
+        saved = load_checkpoint(ckpt_path, mmap=True).get("state_dict")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{ckpt_path} holds no model weights (no 'state_dict').")
+        expected = self.model.state_dict()
+        for key, param in expected.items():
+            value = saved.get(key)
+            if value is None:
+                break
+            if tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{ckpt_path} does not fit this model: '{key}' has shape "
+                    f"{tuple(value.shape)} in the checkpoint but {tuple(param.shape)} in the model. "
+                    "Use the config of the run that wrote it (-c <run>/config.yaml)."
+                )
+        missing = [k for k in expected if k not in saved]
+        unexpected = [k for k in saved if k not in expected]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{ckpt_path} does not fit this model (missing from the checkpoint: "
+                f"{missing[:3]}, not in the model: {unexpected[:3]}). Use the config of the run "
+                "that wrote it (-c <run>/config.yaml)."
+            )
+
+    def before_fit(self) -> None:
+        self._check_checkpoint_fits_model()
+
+    def before_validate(self) -> None:
+        self._check_checkpoint_fits_model()
+
+    def before_test(self) -> None:
+        self._check_checkpoint_fits_model()
+
     def before_instantiate_classes(self) -> None:
         config = self._subconfig()
         if self.subcommand not in (None, "fit") and config.get("ckpt_path"):
@@ -142,8 +281,19 @@ class MedViTCLI(LightningCLI):
         resumed = (
             _run_dir_of_checkpoint(config.get("ckpt_path")) if self.subcommand == "fit" else None
         )
+        # Paths are resolved once, here: the checkpoint callback stores its folder in every
+        # checkpoint and drops its state (best/last, then writing best-v1.ckpt) when a resume
+        # spells the folder differently (relative vs absolute, another working directory).
         if config.run.dir:
-            run_dir = Path(config.run.dir)
+            run_dir = Path(config.run.dir).expanduser().resolve()
+            if (
+                resumed is not None
+                and run_dir != resumed
+                and not Path(config.run.dir).is_absolute()
+            ):
+                # A relative run.dir (read back from the run's config.yaml) names the run being
+                # resumed, whatever the working directory of the resuming command.
+                run_dir = resumed
         elif resumed is not None:
             run_dir = resumed
         elif os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK") not in (None, "0"):
@@ -151,7 +301,7 @@ class MedViTCLI(LightningCLI):
             run_dir = Path(os.environ[RUN_DIR_ENV])
         else:
             suffix = "" if self.subcommand in (None, "fit") else f"-{self.subcommand}"
-            run_dir = new_run_dir(config.run.root, name, suffix)
+            run_dir = new_run_dir(Path(config.run.root).expanduser().resolve(), name, suffix)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
         if (
@@ -185,7 +335,10 @@ class MedViTCLI(LightningCLI):
         if config.run.test_after_fit and not self.trainer.fast_dev_run:
             ckpt = self.trainer.checkpoint_callback
             ckpt_path = "best" if ckpt is not None and ckpt.best_model_path else None
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+            kwargs = {}
+            if "weights_only" in inspect.signature(self.trainer.test).parameters:
+                kwargs["weights_only"] = True
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, **kwargs)
         self._print_summary()
 
     def after_test(self) -> None:
@@ -233,8 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # args=None lets LightningCLI read sys.argv itself (passing both only earns a warning).
         MedViTCLI(args=argv)
-    except DataFileError as err:
-        # A missing or malformed data file is a user problem, not a bug: no traceback.
+    except (DataFileError, CheckpointError) as err:
+        # A missing or malformed data or checkpoint file is a user problem, not a bug: no
+        # traceback.
         print(f"medvit: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

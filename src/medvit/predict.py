@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from medvit.data.transforms import build_transforms
+from medvit.models.checkpoint import CheckpointError, load_checkpoint
 from medvit.models.module import ViTClassifier
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -35,6 +37,33 @@ class _Inputs(Dataset):
         return self.transform(load()), 0, i
 
 
+def _read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """``{split}_images`` (and ``{split}_labels`` if present) of an npz, never unpickling."""
+    key = f"{split}_images"
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise ValueError("a single .npy array, not an .npz archive")
+            if key not in npz:
+                raise ValueError(f"{path} has no key '{key}' (keys: {sorted(npz.files)}).")
+            images = npz[key]
+            key = f"{split}_labels"
+            labels = npz.get(key)
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        # e.g. an object (pickled) array: numpy's message does not say which file or key.
+        raise ValueError(f"{path}: cannot read '{key}' ({' '.join(str(err).split())}).") from err
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a readable .npz archive ({err}).") from err
+    if images.dtype == object or images.ndim not in (3, 4):
+        raise ValueError(
+            f"{path}: '{split}_images' has shape {images.shape} and dtype {images.dtype}; "
+            "expected (N, H, W) or (N, H, W, 3) images."
+        )
+    return images, labels
+
+
 def _collect(inputs: list[str], rgb: bool) -> tuple[list[tuple[str, Any]], list[Any]]:
     """Expand inputs into (source name, image loader) pairs and labels (None if unknown)."""
     items: list[tuple[str, Any]] = []
@@ -48,12 +77,7 @@ def _collect(inputs: list[str], rgb: bool) -> tuple[list[tuple[str, Any]], list[
             split = split or "test"
             if not path.is_file():
                 raise ValueError(f"{path} does not exist.")
-            with np.load(path, allow_pickle=False) as npz:
-                key = f"{split}_images"
-                if key not in npz:
-                    raise ValueError(f"{path} has no key '{key}' (keys: {sorted(npz.files)}).")
-                images = npz[key]
-                split_labels = npz.get(f"{split}_labels")
+            images, split_labels = _read_npz_split(path, split)
             for j in range(len(images)):
                 items.append((f"{path.name}:{split}", lambda a=images, j=j: a[j]))
                 labels.append(None if split_labels is None else split_labels[j].tolist())
@@ -78,6 +102,38 @@ def _collect(inputs: list[str], rgb: bool) -> tuple[list[tuple[str, Any]], list[
     return items, labels
 
 
+def load_model(ckpt_path: str | Path) -> tuple[ViTClassifier, dict[str, Any]]:
+    """The model of a medvit checkpoint and its datamodule hyper-parameters, read safely.
+
+    The checkpoint is read once with ``torch.load(weights_only=True)`` (it cannot run code) and
+    the model is rebuilt from its plain hyper-parameters, without pretrained weights.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, refused, or not written by medvit.
+    """
+    ckpt_path = Path(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    data_hp = ckpt.get("datamodule_hyper_parameters") if isinstance(ckpt, dict) else None
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not data_hp or not hparams or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"{ckpt_path} has no model and datamodule hyper-parameters; was it written by "
+            "medvit fit?"
+        )
+    # "_instantiator" and the like are LightningCLI bookkeeping, not constructor arguments.
+    kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    kwargs["pretrained"] = False  # the weights come from the checkpoint
+    try:
+        model = ViTClassifier(**kwargs)
+        model.load_state_dict(ckpt["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{ckpt_path}: cannot rebuild the model from it ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]})."
+        ) from err
+    return model, data_hp
+
+
 def predict(
     ckpt_path: str | Path,
     inputs: list[str],
@@ -98,15 +154,7 @@ def predict(
         One dict per image: ``source``, ``index``, ``prob_<class>``..., ``prediction``, ``label``.
     """
     ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise ValueError(f"checkpoint {ckpt_path} does not exist.")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    data_hp = ckpt.get("datamodule_hyper_parameters")
-    if not data_hp:
-        raise ValueError(
-            f"{ckpt_path} has no datamodule hyper-parameters; was it written by medvit?"
-        )
-    model = ViTClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", pretrained=False)
+    model, data_hp = load_model(ckpt_path)
     hp = model.hparams
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -168,5 +216,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         predict(args.ckpt_path, args.inputs, args.output, args.batch_size, args.device)
-    except ValueError as err:
-        parser.error(str(err))
+    except ValueError as err:  # CheckpointError included: a user problem, not a bug
+        print(f"medvit: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -14,6 +14,7 @@ import html
 import json
 import math
 import sys
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -97,19 +98,45 @@ def metric_name(key: str, positive_class: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- reading
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {_one_line(err)}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected an object.")
+    return data
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    with open(path) as fh:
-        data = yaml.safe_load(fh)
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid YAML: {_one_line(err)}") from err
     return data if isinstance(data, dict) else {}
+
+
+def _read_predictions(path: Path) -> plots.Predictions | None:
+    """A predictions ``.npz`` (None when absent); any defect is a ValueError naming the file."""
+    if not path.is_file():
+        return None
+    try:
+        return plots.Predictions.load(path)
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: {_one_line(err)}") from err
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"{path} is not a readable predictions .npz ({type(err).__name__}: {_one_line(err)})."
+        ) from err
 
 
 @dataclass
@@ -138,7 +165,7 @@ class Run:
             hparams=_read_yaml(path / "hparams.yaml"),
             meta=_read_json(path / "meta.json"),
             metrics_csv=csv_path if csv_path.is_file() and csv_path.stat().st_size else None,
-            predictions=plots.Predictions.load(preds_path) if preds_path.is_file() else None,
+            predictions=_read_predictions(preds_path),
         )
 
     def setting(self, dotted: str, default: Any = None) -> Any:
@@ -181,7 +208,7 @@ class CVRun:
             summary=summary,
             config=_read_json(path / CV_CONFIG),
             folds=folds,
-            ensemble=plots.Predictions.load(ens) if ens.is_file() else None,
+            ensemble=_read_predictions(ens),
         )
 
     def first_run(self) -> Run | None:
@@ -976,8 +1003,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         out = write_report(args.dirs, args.output, progress=False if args.no_progress else None)
-    except ValueError as err:
-        parser.error(str(err))
+    except ValueError as err:  # a missing or malformed file: a user problem, not a bug
+        print(f"medvit: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     size = out.stat().st_size / 1024
     print(f"Wrote {out} ({size:.0f} KiB)", file=sys.stderr)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,8 @@ AUGMENT_ON = ("workers", "device")
 # its detection rate. MedMNIST's own label order puts it at 0 for BreastMNIST (0 malignant,
 # 1 normal/benign) and at 1 for PneumoniaMNIST (0 normal, 1 pneumonia).
 POSITIVE_CLASS = {"breastmnist": "malignant", "pneumoniamnist": "pneumonia"}
+#: Fewer samples than this in a split is refused before training: nothing to learn or measure.
+MIN_SPLIT_SIZE = 2
 
 
 def default_root() -> str:
@@ -318,6 +322,26 @@ class MedMNISTDataModule(L.LightningDataModule):
             return self.root / "mmap"
         return Path("data") / "mmap"
 
+    @contextmanager
+    def _cache_errors(self, cache_root: Path) -> Iterator[None]:
+        """Turn a failed write in the cache folder into one line naming ``--data.cache_dir``."""
+        try:
+            yield
+        except OSError as err:
+            failed = os.path.abspath(err.filename) if err.filename else ""
+            top = os.path.abspath(cache_root)
+            # The cache folder, something in it, or a parent that had to be created.
+            if not failed or os.path.commonpath([failed, top]) not in (failed, top):
+                raise
+            why = ""
+            if not self.hparams.cache_dir and cache_root != self.root / "mmap":
+                why = f" (the data folder {self.root} is not writable, so the default is {top})"
+            raise DataFileError(
+                f"Cannot write the unpacked-array cache in {cache_root}{why}: "
+                f"{err.strerror or err}. Point --data.cache_dir at a writable folder, e.g. "
+                "--data.cache_dir /tmp/medvit-cache."
+            ) from err
+
     # ----------------------------------------------------------------------------- lifecycle
     def prepare_data(self) -> None:
         """Download (rank 0 only), check the MD5 and unpack into memory-mappable files."""
@@ -331,7 +355,9 @@ class MedMNISTDataModule(L.LightningDataModule):
             rank_zero_info(f"Downloading {self.url} -> {path}")
             download(self.url, path, self.md5 if self.hparams.verify_md5 else None)
         elif self.hparams.verify_md5:
-            verify_md5(path, self.md5, self._cache_root())
+            cache_root = self._cache_root()
+            with self._cache_errors(cache_root):
+                verify_md5(path, self.md5, cache_root)
         self._unpack()
 
     def _unpack(self) -> Path:
@@ -341,9 +367,12 @@ class MedMNISTDataModule(L.LightningDataModule):
                 f"{path} does not exist. Run prepare_data() (the Trainer does) or get it from "
                 f"{self.url} and put it at {path}."
             )
-        folder = extract_npz(path, mmap_dir_for(path, self._cache_root()))
+        cache_root = self._cache_root()
+        with self._cache_errors(cache_root):
+            folder = extract_npz(path, mmap_dir_for(path, cache_root))
         arrays = open_arrays(folder, path)
         self._validate(arrays)
+        self._check_split_sizes(arrays)
         # Official sizes when the MD5 was checked (_validate insists), the file's own otherwise.
         self._split_sizes = {split: len(arrays[f"{split}_labels"]) for split in SPLITS}
         return folder
@@ -382,6 +411,46 @@ class MedMNISTDataModule(L.LightningDataModule):
                 raise DataFileError(
                     f"{path}: '{split}' has {len(images)} samples; the official split has {official}."
                 )
+
+    def _check_split_sizes(self, arrays: dict[str, np.ndarray]) -> None:
+        """Refuse an empty or too small split; warn when val or test lacks a class.
+
+        Only a file of one's own (``verify_md5`` off) can get here with such splits: the official
+        sizes are checked in :meth:`_validate`. Training on an empty split would "succeed" and
+        report an untrained model's metrics.
+        """
+        counts = {split: self._class_counts(arrays[f"{split}_labels"]) for split in SPLITS}
+        sizes = {split: len(arrays[f"{split}_labels"]) for split in SPLITS}
+        small = [s for s in SPLITS if sizes[s] < MIN_SPLIT_SIZE]
+        if small:
+            detail = "; ".join(
+                f"{split}: {sizes[split]} ({', '.join(map(str, counts[split].tolist()))})"
+                for split in SPLITS
+            )
+            per = "positives per label" if self.task == "multilabel" else "per class"
+            raise DataFileError(
+                f"{self.path}: the {' and '.join(small)} split(s) hold fewer than "
+                f"{MIN_SPLIT_SIZE} samples, too few to train and evaluate. Samples per split "
+                f"({per} in brackets): {detail}."
+            )
+        if self.hparams.folds_file is not None:
+            return  # validation comes from the CV folds, not the official val split
+        for split in ("val", "test"):
+            missing = [self.class_names[i] for i in np.flatnonzero(counts[split] == 0)]
+            if missing:
+                warnings.warn(
+                    f"{self.path}: the {split} split has no samples of {missing} "
+                    f"({sizes[split]} samples; per class: {counts[split].tolist()}); "
+                    f"{split} AUROC will be undefined (NaN) for "
+                    f"{'those labels' if self.task == 'multilabel' else 'these classes'}.",
+                    stacklevel=2,
+                )
+
+    def _class_counts(self, labels: np.ndarray) -> np.ndarray:
+        labels = np.asarray(labels)
+        if self.task == "multilabel":
+            return labels.sum(0).astype(np.int64)
+        return np.bincount(labels.reshape(-1).astype(np.int64), minlength=self.num_classes)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the split datasets (every rank) and the per-device batch size."""

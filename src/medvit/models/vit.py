@@ -21,6 +21,8 @@ import timm
 import torch
 from timm.models import VisionTransformer
 
+from medvit.models.checkpoint import load_checkpoint
+
 __all__ = [
     "POS_EMBEDS",
     "create_vit",
@@ -133,6 +135,8 @@ def create_vit(
     Raises:
         ValueError: For an unknown or non-ViT model, an invalid argument, an image size that
             the patch size does not divide, or a weight file that cannot fit the architecture.
+            A weight file holding pickled objects other than tensors and plain values is
+            refused (:class:`~medvit.models.checkpoint.CheckpointError`) before anything reads it.
         FileNotFoundError: If ``pretrained`` names a file that does not exist.
     """
     _check_args(num_classes, in_chans, img_size, patch_size, pos_embed, drop_rate, drop_path_rate)
@@ -400,8 +404,11 @@ def format_load_summary(summary: dict[str, Any]) -> str:
 
 def _read_state_dict(weights_file: Path) -> dict[str, torch.Tensor]:
     """The state dict in ``weights_file``, read by timm's loader, or a ValueError naming it."""
+    # The file is read with torch.load(weights_only=True) (or as safetensors) before timm sees
+    # it: a pickle that would run code is refused here, whatever timm's own default.
+    load_checkpoint(weights_file, mmap=True)
     try:
-        return timm.models.load_state_dict(str(weights_file))
+        return timm.models.load_state_dict(str(weights_file), weights_only=True)
     except Exception as err:
         raise ValueError(
             f"Cannot read weights from {str(weights_file)!r}: not a state dict timm can load "
@@ -450,7 +457,7 @@ def _describe_load_failure(
     the two adaptations timm applies afterwards (input channels, dropped classifier).
     """
     intro = f"Cannot load weights from {str(weights_file)!r} into {model_name!r}"
-    state_dict = timm.models.load_state_dict(str(weights_file))  # readable: checked before
+    state_dict = timm.models.load_state_dict(str(weights_file), weights_only=True)  # checked
     filter_fn = getattr(
         sys.modules.get(_model_module(model_name, skeleton)), "checkpoint_filter_fn", None
     )
