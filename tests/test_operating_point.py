@@ -184,3 +184,26 @@ def test_report_of_a_parent_folder_compares_every_run_inside(breast_run, tmp_pat
     assert expand_parents([parent]) == [parent / "20261130-090000", parent / "20261130-100000"]
     html = build_report([parent], progress=False)
     assert html.count('data-plot="roc"') >= 2 and "20261130-090000" in html
+
+
+def test_a_checkpoint_from_before_operating_points_still_tests(breast_run, tmp_path):
+    import torch
+
+    ckpt = torch.load(breast_run / "checkpoints" / "best.ckpt", weights_only=True)
+    for key in ("op_threshold", "temperature"):
+        del ckpt["state_dict"][key]
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    main(
+        [
+            "test",
+            "-c",
+            str(breast_run / "config.yaml"),
+            f"--ckpt_path={old}",
+            f"--run.root={tmp_path / 'runs'}",
+            "--run.dir=null",
+        ]
+    )
+    (run_dir,) = (tmp_path / "runs" / "breastmnist").iterdir()
+    test = json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert "auroc" in test and "threshold" not in test  # no threshold in it: none applied

@@ -238,7 +238,8 @@ class MedViTCLI(LightningCLI):
                     f"{tuple(value.shape)} in the checkpoint but {tuple(param.shape)} in the model. "
                     "Use the config of the run that wrote it (-c <run>/config.yaml)."
                 )
-        missing = [k for k in expected if k not in saved]
+        optional = getattr(self.model, "optional_state_keys", ())  # filled in on load
+        missing = [k for k in expected if k not in saved and k not in optional]
         unexpected = [k for k in saved if k not in expected]
         if missing or unexpected:
             raise CheckpointError(

@@ -199,6 +199,9 @@ class ViTClassifier(L.LightningModule):
             return target
         return (target == self.hparams.positive_class).long()
 
+    #: Buffers that checkpoints from older medvit versions lack; ``on_load_checkpoint`` fills them.
+    optional_state_keys = ("op_threshold", "temperature")
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints from before operating points have no threshold: none is applied.
         checkpoint["state_dict"].setdefault("op_threshold", torch.tensor(float("nan")))
