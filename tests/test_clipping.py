@@ -31,6 +31,7 @@ def train(fused: bool, clip: float | None) -> dict[str, torch.Tensor]:
         num_classes=2,
         in_chans=1,
         img_size=28,
+        task="binary",
         patch_size=7,
         model_name="vit_tiny_patch16_224",
         fused_optimizer=fused,

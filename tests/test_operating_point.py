@@ -207,3 +207,7 @@ def test_a_checkpoint_from_before_operating_points_still_tests(breast_run, tmp_p
     (run_dir,) = (tmp_path / "runs" / "breastmnist").iterdir()
     test = json.loads((run_dir / "metrics.json").read_text())["test"]
     assert "auroc" in test and "threshold" not in test  # no threshold in it: none applied
+    # medvit predict rebuilds the model from the checkpoint alone: the same defaults apply.
+    data = breast_run.parents[2] / "data" / "breastmnist.npz"
+    main(["predict", f"--ckpt_path={old}", f"{data}:test", "-o", str(tmp_path / "p.csv")])
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 31  # header + 30 test rows

@@ -125,6 +125,7 @@ def load_model(ckpt_path: str | Path) -> tuple[ViTClassifier, dict[str, Any]]:
     kwargs["pretrained"] = False  # the weights come from the checkpoint
     try:
         model = ViTClassifier(**kwargs)
+        model.on_load_checkpoint(ckpt)  # fills what older checkpoints lack, as Lightning does
         model.load_state_dict(ckpt["state_dict"])
     except (TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(
