@@ -163,7 +163,7 @@ def test_offline_run_logs_config_curves_test_media_and_checkpoint(
     metrics = json.loads((run_dir / "metrics.json").read_text())
 
     # Resolved config: the CLI config nested, plus the model/data hparams; paths redacted.
-    assert run.config["model"]["lr"] == 1e-3
+    assert run.config["model"]["lr"] == 5e-4  # the recipe default
     assert run.config["trainer"]["max_epochs"] == 2
     assert run.config["data"]["flag"] == "breastmnist"
     assert run.config["data"]["root"] == REDACTED
