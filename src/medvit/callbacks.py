@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 
+from medvit.fileio import atomic_write, atomic_write_text
+
 METRICS_FILE = "metrics.json"
 META_FILE = "meta.json"
 PREDICTIONS_FILE = "test_predictions.npz"
@@ -60,9 +62,7 @@ def _json_default(value: Any) -> Any:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically, so a report never reads a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 class RunRecorder(L.Callback):
@@ -188,12 +188,13 @@ class RunRecorder(L.Callback):
             names = pl_module.hparams.get("class_names") or [
                 str(i) for i in range(preds["probs"].shape[1])
             ]
-            np.savez(
-                self.run_dir / PREDICTIONS_FILE,
-                class_names=np.array(names),
-                task=np.array(pl_module.hparams.get("task", "")),
-                **preds,
-            )
+            with atomic_write(self.run_dir / PREDICTIONS_FILE, "wb") as fh:
+                np.savez(
+                    fh,
+                    class_names=np.array(names),
+                    task=np.array(pl_module.hparams.get("task", "")),
+                    **preds,
+                )
         self._update_meta(trainer, stage="test")
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from medvit.data.transforms import build_transforms
+from medvit.fileio import atomic_write
 from medvit.models.module import ViTClassifier
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -146,7 +147,7 @@ def predict(
         writer.writerows(rows)
     else:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "w", newline="") as fh:
+        with atomic_write(output, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)

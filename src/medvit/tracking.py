@@ -14,6 +14,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from medvit.fileio import atomic_write_text
+
 WANDB_MODES = ("auto", "offline", "online", "disabled")
 
 
@@ -110,7 +112,7 @@ def wandb_run_id(run_dir: Path) -> str:
     run_id = uuid.uuid4().hex[:12]
     if rank_zero_only.rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
+        atomic_write_text(path, run_id + "\n")
     return run_id
 
 
