@@ -21,7 +21,11 @@ from typing import IO, Any
 
 @contextlib.contextmanager
 def atomic_write(
-    path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", **kwargs: Any
+    path: str | os.PathLike,
+    mode: str = "w",
+    encoding: str | None = "utf-8",
+    fixed_temp: bool = False,
+    **kwargs: Any,
 ) -> Iterator[IO[Any]]:
     """Open a temporary file next to ``path`` for writing; rename it over ``path`` on success.
 
@@ -29,6 +33,9 @@ def atomic_write(
         path: the file to (re)place.
         mode: ``"w"`` (text) or ``"wb"`` (bytes).
         encoding: text encoding (ignored in binary mode).
+        fixed_temp: use ``.{name}.tmp`` as the temporary file, so that one left by a killed
+            process is overwritten by the next write instead of piling up (for large files
+            with a single writer, such as checkpoints).
         **kwargs: passed to :func:`open` (e.g. ``newline=""`` for CSV).
 
     Yields:
@@ -39,8 +46,12 @@ def atomic_write(
     path = Path(path)
     # O_EXCL on a random name: no clash with a concurrent writer; mode 0o666 lets the umask
     # decide the permissions, as for a plain open().
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    if fixed_temp:
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    else:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         if "b" in mode:
             fh = os.fdopen(fd, mode, **kwargs)
