@@ -360,9 +360,10 @@ def test_prune_keeps_current_and_in_use_caches(synthetic_root, tmp_path):
     (old / "complete").write_text(str((root / "breastmnist.npz").resolve()))
     partial = cache / "breastmnist-0123456789abcdef.x1y2z3"
     partial.mkdir()
+    record = next(p.name for p in cache.glob("dermamnist.npz.*.md5.json"))
     release_caches()
     removed = prune_caches(cache)
-    assert sorted(p.name for p in removed) == sorted([old.name, partial.name, gone_cache])
+    assert sorted(p.name for p in removed) == sorted([old.name, partial.name, gone_cache, record])
     left = sorted(p.name for p in cache.iterdir() if p.is_dir())
     assert left == [current.name]
     # A cache some process holds (here this one, through the DataModule) survives a prune
@@ -372,6 +373,30 @@ def test_prune_keeps_current_and_in_use_caches(synthetic_root, tmp_path):
     make_medmnist_npz(root / "breastmnist.npz", "breastmnist", n=(30, 4, 4))
     assert prune_caches(cache) == []
     assert current.is_dir()
+
+
+def test_cache_prune_command(synthetic_root, capsys):
+    from medvit.cli import main
+
+    root = synthetic_root("breastmnist", n=(20, 4, 4))
+    cache = root / "cache"
+    module(root, "breastmnist").prepare_data()
+    release_caches()
+    make_medmnist_npz(root / "breastmnist.npz", "breastmnist", n=(30, 4, 4))
+    module(root, "breastmnist").prepare_data()  # replaced: a new cache, the old one pruned
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
+    (root / "breastmnist.npz").unlink()  # gone: its cache is stale too, once nobody reads it
+    main(["cache", "--cache_dir", str(cache)])
+    assert "breastmnist-" in capsys.readouterr().out
+    main(["cache", "--cache_dir", str(cache), "--prune"])
+    out = capsys.readouterr().out
+    assert "1 stale entries removed" in out and ".md5.json" in out, out  # the file's MD5 record
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1  # this process still reads it
+    release_caches()
+    main(["cache", "--cache_dir", str(cache), "--prune"])
+    out = capsys.readouterr().out
+    assert "1 stale entries removed" in out and "breastmnist-" in out, out
+    assert [p for p in cache.iterdir() if not p.name.startswith(".")] == []
 
 
 def test_folds_file_replaces_train_val_and_keeps_test(synthetic_root, tmp_path):
