@@ -773,17 +773,25 @@ def run_cv(argv: list[str]) -> int:
         raise ValueError(f"--folds must be >= 2, got {args.folds}.")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}.")
-    print("Resolving the fit config (medvit fit --print_config)...", flush=True)
-    config = resolve_fit_config(fit_args)
-    _check_fit_config(config)
-    experiment = experiment_of(config)
-    cv_dir = Path(args.cv_dir) if args.cv_dir else Path("cv_runs") / experiment
-    with CVDirLock(cv_dir) as lock:
+    lock = None
+    if args.cv_dir:  # known before the config: a busy folder is refused at once
+        lock = CVDirLock(Path(args.cv_dir))
+        lock.acquire()
+    try:
+        print("Resolving the fit config (medvit fit --print_config)...", flush=True)
+        config = resolve_fit_config(fit_args)
+        _check_fit_config(config)
+        experiment = experiment_of(config)
+        cv_dir = Path(args.cv_dir) if args.cv_dir else Path("cv_runs") / experiment
+        if lock is None:
+            lock = CVDirLock(cv_dir)
+            lock.acquire()
         _LOCK = lock
-        try:
-            return _run_locked(args, argv, fit_args, config, experiment, cv_dir)
-        finally:
-            _LOCK = None
+        return _run_locked(args, argv, fit_args, config, experiment, cv_dir)
+    finally:
+        _LOCK = None
+        if lock is not None:
+            lock.release()
 
 
 def _run_locked(
