@@ -183,16 +183,24 @@ def _flock(path: Path, how: int) -> int | None:
     return fd
 
 
-def _hold(folder: Path) -> None:
-    """Mark ``folder`` as in use by this process (shared lock) until the process exits."""
+def _hold(folder: Path) -> bool:
+    """Mark a complete cache ``folder`` as in use by this process until it exits (shared lock).
+
+    Returns False when the folder is not usable: incomplete, or being deleted by a prune.
+    """
     if folder in _IN_USE:
-        return
+        return True
     try:
-        fd = _flock(folder / _LOCK, fcntl.LOCK_SH)
+        fd = _flock(folder / _LOCK, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
-        return  # read-only cache: nobody can prune it either
-    if fd is not None:
-        _IN_USE[folder] = fd
+        return (folder / _COMPLETE).is_file()  # read-only cache: nobody can prune it either
+    if fd is None:
+        return False  # a prune holds it: it is being deleted
+    if not (folder / _COMPLETE).is_file():
+        os.close(fd)
+        return False
+    _IN_USE[folder] = fd
+    return True
 
 
 # Cache folders are "{stem}-{16 hex digits of the MD5}"; an unpack in progress (or one that
@@ -352,16 +360,16 @@ def extract_npz(npz: Path, out_dir: Path) -> Path:
         DataFileError: when the archive is unreadable, lacks one of the MedMNIST keys, holds a
             corrupt member, or would not fit on the cache's disk.
     """
-    if (out_dir / _COMPLETE).is_file():
-        _hold(out_dir)
+    if (out_dir / _COMPLETE).is_file() and _hold(out_dir):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     lock = _unpack_lock(out_dir.parent, npz.stem)
     try:
-        if not (out_dir / _COMPLETE).is_file():  # another process may have finished meanwhile
+        # Another process may have finished it meanwhile.
+        if not ((out_dir / _COMPLETE).is_file() and _hold(out_dir)):
             _unpack(npz, out_dir)
             prune_caches(out_dir.parent, source=npz, keep=out_dir)
-        _hold(out_dir)
+            _hold(out_dir)
     finally:
         if lock is not None:
             os.close(lock)
