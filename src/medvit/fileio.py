@@ -53,10 +53,11 @@ def atomic_write(
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        if "b" in mode:
-            fh = os.fdopen(fd, mode, **kwargs)
-        else:
-            fh = os.fdopen(fd, mode, encoding=encoding, **kwargs)
+        try:
+            fh = os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding}), **kwargs)
+        except BaseException:
+            os.close(fd)
+            raise
         with fh:
             yield fh
             fh.flush()
@@ -72,9 +73,3 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
     with atomic_write(path, "w", encoding=encoding) as fh:
         fh.write(text)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
-    with atomic_write(path, "wb") as fh:
-        fh.write(data)
