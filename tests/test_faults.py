@@ -224,9 +224,15 @@ def test_metrics_csv_header_rewrite_survives_a_full_disk(tmp_path):
 
 
 # ----------------------------------------------------------------------------- cv locking
-def test_second_cv_on_a_locked_folder_is_refused_naming_the_pid(tmp_path):
+def test_second_cv_on_a_locked_folder_is_refused_naming_the_pid(tmp_path, capsys):
     cv_dir = tmp_path / "cv"
     with cv.CVDirLock(cv_dir):
+        with pytest.raises(SystemExit) as exit_:
+            cv.main(["--cv-dir", str(cv_dir), "-c", "config.yaml"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("medvit cv: error: ") and "\n" not in err
+        assert f"(PID {os.getpid()})" in err
         with pytest.raises(ValueError) as err:
             cv.CVDirLock(cv_dir).acquire()
         message = str(err.value)
@@ -599,7 +605,10 @@ def test_cv_killed_during_a_fold_and_the_summary(real_data, tmp_path):
             _medvit("cv", *argv), cwd=tmp_path, env=env, capture_output=True, text=True
         )
         assert second.returncode != 0
-        assert f"{cv_dir} is in use by another medvit cv (PID {first.pid})" in second.stderr
+        assert second.stderr.strip() == (
+            f"medvit cv: error: {cv_dir} is in use by another medvit cv (PID {first.pid}); "
+            "wait for it to finish or stop it, then rerun."
+        ), second.stderr
         first.send_signal(signal.SIGKILL)
         first.wait()
         assert _gone(fold_pid, timeout=10), f"fold process {fold_pid} outlived the killed CV"

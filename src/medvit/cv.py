@@ -384,6 +384,10 @@ def is_finished(run_dir: Path) -> bool:
 
 
 # --------------------------------------------------------------------------------- locking
+class CVDirBusy(ValueError):
+    """Another ``medvit cv`` holds the CV directory."""
+
+
 class CVDirLock:
     """An exclusive ``flock`` on ``{cv_dir}/cv.lock`` holding the PID of the CV that owns it.
 
@@ -400,7 +404,7 @@ class CVDirLock:
         """Take the lock or refuse, naming the PID that holds it.
 
         Raises:
-            ValueError: another process holds the lock.
+            CVDirBusy: another process holds the lock.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -412,7 +416,7 @@ class CVDirLock:
                 raise
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ValueError(
+            raise CVDirBusy(
                 f"{self.path.parent} is in use by another medvit cv (PID {holder}); wait for it "
                 "to finish or stop it, then rerun."
             ) from None
@@ -919,6 +923,9 @@ def main(argv: list[str] | None = None) -> None:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         code = run_cv(argv)
+    except CVDirBusy as err:  # not a usage mistake: one line, no usage text
+        print(f"medvit cv: error: {err}", file=sys.stderr)
+        sys.exit(2)
     except ValueError as err:
         build_parser().error(str(err))
     finally:
