@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import pickle
 import threading
 import time
@@ -15,7 +16,13 @@ import pytest
 import torch
 from conftest import make_medmnist_npz
 
-from medvit.data.files import DataFileError, md5sum
+from medvit.data.files import (
+    DataFileError,
+    md5sum,
+    prune_caches,
+    release_caches,
+    verify_md5,
+)
 from medvit.data.medmnist import FLAGS_2D, MedMNISTDataModule
 
 CASES = [
@@ -251,6 +258,145 @@ def test_replaced_file_is_unpacked_again(synthetic_root):
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.data_train) == 30
+
+
+def _same_size_other_content(path: Path) -> None:
+    """Rewrite ``path`` with other pixels but the same size and mtime (touch -d, cp -p)."""
+    st = path.stat()
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["train_images"] = 255 - arrays["train_images"]
+    np.savez(path, **arrays)  # stored, not compressed: the size stays the same
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def _stored_npz(path: Path) -> None:
+    """Rewrite ``path`` uncompressed, so other content can keep the same size."""
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    np.savez(path, **arrays)
+
+
+def test_same_size_and_mtime_other_content_is_served_fresh(synthetic_root):
+    root = synthetic_root("breastmnist", n=(20, 4, 4))
+    npz = root / "breastmnist.npz"
+    _stored_npz(npz)
+    dm = module(root, "breastmnist")
+    dm.prepare_data()
+    dm.setup("fit")
+    old = np.array(dm.data_train._array("train_images"))
+    release_caches()  # as if that run had ended
+    _same_size_other_content(npz)
+    dm = module(root, "breastmnist")
+    dm.prepare_data()
+    dm.setup("fit")
+    np.testing.assert_array_equal(dm.data_train._array("train_images"), 255 - old)
+    # The old file's cache was pruned when the new one was made.
+    caches = [p.name for p in (root / "cache").iterdir() if p.is_dir()]
+    assert len(caches) == 1, caches
+
+
+def test_md5_record_is_keyed_by_content(synthetic_root):
+    root = synthetic_root("breastmnist", n=(20, 4, 4))
+    npz = root / "breastmnist.npz"
+    _stored_npz(npz)
+    official = md5sum(npz)  # this file plays the official one
+    verify_md5(npz, official, root / "cache")
+    _same_size_other_content(npz)
+    with pytest.raises(DataFileError, match="MD5"):
+        verify_md5(npz, official, root / "cache")
+
+
+def _corrupt_member(path: Path, member: str) -> None:
+    """Flip bytes inside one member's compressed data (its CRC then no longer matches)."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+    data = bytearray(path.read_bytes())
+    header = 30 + len(info.filename.encode()) + len(info.extra)  # local file header
+    start = info.header_offset + header + info.compress_size // 2
+    for i in range(start, start + 8):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_member_one_line_and_no_partial_folder(synthetic_root):
+    root = synthetic_root("breastmnist", n=(20, 4, 4))
+    npz = root / "breastmnist.npz"
+    _stored_npz(npz)
+    _corrupt_member(npz, "val_images.npy")
+    for _ in range(2):  # every try, not only the first
+        dm = module(root, "breastmnist")
+        with pytest.raises(DataFileError) as err:
+            dm.prepare_data()
+        message = str(err.value)
+        assert "\n" not in message
+        assert str(npz) in message and "val_images.npy" in message and "corrupt" in message
+    assert [p.name for p in (root / "cache").iterdir() if p.is_dir()] == []
+
+
+def test_corrupt_compressed_member_is_one_line(synthetic_root):
+    root = synthetic_root("breastmnist", n=(20, 4, 4))  # savez_compressed: deflate errors
+    npz = root / "breastmnist.npz"
+    _corrupt_member(npz, "train_images.npy")
+    with pytest.raises(DataFileError, match="member 'train_images.npy' is corrupt"):
+        module(root, "breastmnist").prepare_data()
+    assert [p.name for p in (root / "cache").iterdir() if p.is_dir()] == []
+
+
+def test_prune_keeps_current_and_in_use_caches(synthetic_root, tmp_path):
+    root = synthetic_root("breastmnist", n=(20, 4, 4))
+    cache = root / "cache"
+    dm = module(root, "breastmnist")
+    dm.prepare_data()
+    current = next(p for p in cache.iterdir() if p.is_dir())
+    # Leftovers: a cache of a file that is gone, one of a replaced file, a dead partial unpack.
+    gone = synthetic_root("dermamnist", n=(8, 4, 4))
+    module(gone, "dermamnist").prepare_data()  # same cache folder (root / "cache")
+    (gone / "dermamnist.npz").unlink()
+    gone_cache = next(p.name for p in cache.iterdir() if p.name.startswith("dermamnist-"))
+    old = cache / "breastmnist-0123456789abcdef"
+    old.mkdir()
+    (old / "complete").write_text(str((root / "breastmnist.npz").resolve()))
+    partial = cache / "breastmnist-0123456789abcdef.x1y2z3"
+    partial.mkdir()
+    record = next(p.name for p in cache.glob("dermamnist.npz.*.md5.json"))
+    release_caches()
+    removed = prune_caches(cache)
+    assert sorted(p.name for p in removed) == sorted([old.name, partial.name, gone_cache, record])
+    left = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert left == [current.name]
+    # A cache some process holds (here this one, through the DataModule) survives a prune
+    # even when it is stale: its file is replaced while a run still reads it.
+    dm = module(root, "breastmnist")
+    dm.prepare_data()
+    make_medmnist_npz(root / "breastmnist.npz", "breastmnist", n=(30, 4, 4))
+    assert prune_caches(cache) == []
+    assert current.is_dir()
+
+
+def test_cache_prune_command(synthetic_root, capsys):
+    from medvit.cli import main
+
+    root = synthetic_root("breastmnist", n=(20, 4, 4))
+    cache = root / "cache"
+    module(root, "breastmnist").prepare_data()
+    release_caches()
+    make_medmnist_npz(root / "breastmnist.npz", "breastmnist", n=(30, 4, 4))
+    module(root, "breastmnist").prepare_data()  # replaced: a new cache, the old one pruned
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
+    (root / "breastmnist.npz").unlink()  # gone: its cache is stale too, once nobody reads it
+    main(["cache", "--cache_dir", str(cache)])
+    assert "breastmnist-" in capsys.readouterr().out
+    main(["cache", "--cache_dir", str(cache), "--prune"])
+    out = capsys.readouterr().out
+    assert "1 stale entries removed" in out and ".md5.json" in out, out  # the file's MD5 record
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1  # this process still reads it
+    release_caches()
+    main(["cache", "--cache_dir", str(cache), "--prune"])
+    out = capsys.readouterr().out
+    assert "1 stale entries removed" in out and "breastmnist-" in out, out
+    assert [p for p in cache.iterdir() if not p.name.startswith(".")] == []
 
 
 def test_folds_file_replaces_train_val_and_keeps_test(synthetic_root, tmp_path):

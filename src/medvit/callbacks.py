@@ -16,7 +16,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import BaseFinetuning
+
+from medvit.fileio import atomic_write, atomic_write_text
 
 METRICS_FILE = "metrics.json"
 META_FILE = "meta.json"
@@ -70,9 +73,38 @@ def _json_default(value: Any) -> Any:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically, so a report never reads a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but atomic in the checkpoint's own folder (fsynced).
+
+    Lightning writes a checkpoint to a temporary file in the system temp folder and moves it.
+    When that folder is on another file system than the run (a local ``/tmp`` and a shared
+    ``runs/``, as on most clusters), the move is a copy into ``last.ckpt`` itself, so a kill
+    during it leaves a truncated checkpoint that cannot be resumed; and every kill during a save
+    leaves a checkpoint-sized file in ``/tmp``. Here the temporary file is
+    ``checkpoints/.{name}.tmp``, renamed over the checkpoint, and reused by the next save.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._swept: set[Path] = set()
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's way
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "wb", fixed_temp=True) as fh:
+            torch.save(checkpoint, fh)
+        if path.parent not in self._swept:
+            # Half-written checkpoints of a killed run (a resume runs in the same folder).
+            self._swept.add(path.parent)
+            for stale in path.parent.glob(".*.ckpt.tmp"):
+                stale.unlink(missing_ok=True)
 
 
 class RunRecorder(L.Callback):
@@ -108,6 +140,8 @@ class RunRecorder(L.Callback):
         self._best = state_dict.get("best")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         # trainer.log_dir is broadcast from rank 0, so every rank agrees on the folder.
         self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
@@ -203,13 +237,14 @@ class RunRecorder(L.Callback):
             names = pl_module.hparams.get("class_names") or [
                 str(i) for i in range(preds["probs"].shape[1])
             ]
-            np.savez(
-                self.run_dir / PREDICTIONS_FILE,
-                class_names=np.array(names),
-                task=np.array(pl_module.hparams.get("task", "")),
-                positive_class=np.array(pl_module.hparams.get("positive_class", 1)),
-                **preds,
-            )
+            with atomic_write(self.run_dir / PREDICTIONS_FILE, "wb") as fh:
+                np.savez(
+                    fh,
+                    class_names=np.array(names),
+                    task=np.array(pl_module.hparams.get("task", "")),
+                    positive_class=np.array(pl_module.hparams.get("positive_class", 1)),
+                    **preds,
+                )
         self._update_meta(trainer, stage="test")
 
 

@@ -24,7 +24,7 @@ from medvit.tracking import WandbOptions, build_loggers
 from medvit.wandb_logging import WandbTestMedia
 
 RUN_DIR_ENV = "MEDVIT_RUN_DIR"
-EXTRA_COMMANDS = ("predict", "cv", "report")
+EXTRA_COMMANDS = ("predict", "cv", "report", "cache")
 
 
 def experiment_name(config: Any) -> str:
@@ -379,6 +379,10 @@ def main(argv: list[str] | None = None) -> None:
             from medvit.cv import main as cv_main
 
             cv_main(rest)
+        elif command == "cache":
+            from medvit.data.files import cache_main
+
+            cache_main(rest)
         else:
             from medvit.report import main as report_main
 

@@ -9,7 +9,9 @@ One CV directory holds everything (``cv_runs/<experiment>`` unless ``--cv-dir``)
     cv_summary.json, cv_summary.csv per-fold metrics, mean, std, 95% CI, ensemble test metrics
     ensemble_test_predictions.npz   test probabilities averaged over the fold models
 
-Each fold is a separate ``python -m medvit fit`` process (its own DDP group and wandb run).
+Each fold is a separate ``python -m medvit.foldproc fit`` process (``medvit fit`` with its own
+DDP group and wandb run) that dies with the CV process, even on ``kill -9``. The CV directory is
+locked (``cv.lock``) while a CV runs in it, so a second ``medvit cv`` there refuses to start.
 Rerunning the same command skips finished folds, resumes half-finished ones from
 ``checkpoints/last.ckpt`` and refuses to mix in a changed config or changed folds.
 """
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -39,6 +43,7 @@ import numpy as np
 import yaml
 
 from medvit.callbacks import METRICS_FILE, PREDICTIONS_FILE, write_json
+from medvit.fileio import atomic_write, atomic_write_text
 from medvit.splits import make_repeated_folds
 
 POOLS = ("train+val", "train")
@@ -47,6 +52,7 @@ FOLDS_FILE = "folds.csv"
 SUMMARY_JSON = "cv_summary.json"
 SUMMARY_CSV = "cv_summary.csv"
 ENSEMBLE_FILE = "ensemble_test_predictions.npz"
+LOCK_FILE = "cv.lock"
 # Set by medvit cv for every fold; a user value would be silently overridden or break the layout.
 RESERVED_ARGS = (
     "--run.dir",
@@ -347,7 +353,7 @@ def prepare_cv_dir(cv_dir: Path, cv_config: dict[str, Any], folds_text: str) -> 
                 "rerun to have it rewritten) or use another --cv-dir."
             )
         if not folds_path.is_file():  # deleted: the recomputed folds are the recorded ones
-            folds_path.write_text(folds_text, encoding="utf-8")
+            atomic_write_text(folds_path, folds_text)
         old.setdefault("invocations", []).append(cv_config["invocations"][0])
         write_json(path, old)
         return
@@ -359,9 +365,7 @@ def prepare_cv_dir(cv_dir: Path, cv_config: dict[str, Any], folds_text: str) -> 
         )
     cv_dir.mkdir(parents=True, exist_ok=True)
     (cv_dir / "logs").mkdir(exist_ok=True)
-    tmp = cv_dir / f".{FOLDS_FILE}.tmp"
-    tmp.write_text(folds_text, encoding="utf-8")
-    os.replace(tmp, cv_dir / FOLDS_FILE)
+    atomic_write_text(cv_dir / FOLDS_FILE, folds_text)
     write_json(path, cv_config)
 
 
@@ -380,19 +384,82 @@ def is_finished(run_dir: Path) -> bool:
     return bool(metrics and metrics.get("test"))
 
 
+# --------------------------------------------------------------------------------- locking
+class CVDirBusy(ValueError):
+    """Another ``medvit cv`` holds the CV directory."""
+
+
+class CVDirLock:
+    """An exclusive ``flock`` on ``{cv_dir}/cv.lock`` holding the PID of the CV that owns it.
+
+    The kernel drops the lock when the last process holding the file closes it, whatever way
+    it ends (``kill -9`` included), so a stale lock file never blocks a rerun. Fold processes
+    inherit the descriptor: the folder stays locked while any fold of this CV still runs.
+    """
+
+    def __init__(self, cv_dir: Path) -> None:
+        self.path = cv_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or refuse, naming the PID that holds it.
+
+        Raises:
+            CVDirBusy: another process holds the lock.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CVDirBusy(
+                f"{self.path.parent} is in use by another medvit cv (PID {holder}); wait for it "
+                "to finish or stop it, then rerun."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self) -> CVDirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# The lock of the CV this process runs, passed on to its fold processes (see CVDirLock).
+_LOCK: CVDirLock | None = None
+
+
 # ----------------------------------------------------------------------------- fold process
 def launch(cmd: list[str], log_path: Path) -> int:
     """Run ``cmd`` with stdout and stderr appended to ``log_path``; return its exit code.
 
     On an exception (Ctrl-C, or SIGTERM turned into SystemExit by :func:`main`) the child is
-    terminated too, so an interrupted CV never leaves a fold training in the background.
+    terminated too, so an interrupted CV never leaves a fold training in the background. When
+    this process is killed outright, the child kills itself (:mod:`medvit.foldproc`).
     """
+    from medvit.foldproc import PARENT_ENV
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
+    keep = (_LOCK.fd,) if _LOCK is not None and _LOCK.fd is not None else ()
     with open(log_path, "a") as log:
         stamp = datetime.now().isoformat(timespec="seconds")
         log.write(f"\n===== {stamp} $ {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=keep)
         try:
             return proc.wait()
         except BaseException:
@@ -414,9 +481,10 @@ def fold_command(
     repeats: int,
     resume: bool,
 ) -> list[str]:
-    """The ``python -m medvit fit`` command of one fold."""
+    """The ``python -m medvit.foldproc fit`` command of one fold (``medvit fit`` that dies with
+    this process)."""
     name = f"fold-{run.fold}" if repeats == 1 else f"r{run.repeat}-fold-{run.fold}"
-    cmd = [sys.executable, "-m", "medvit", "fit", *fit_args]
+    cmd = [sys.executable, "-m", "medvit.foldproc", "fit", *fit_args]
     cmd += ["--data.folds_file", str(folds_file), "--data.fold", str(run.fold)]
     cmd += ["--data.repeat", str(run.repeat), "--run.dir", str(run_dir)]
     cmd += ["--wandb.group", wandb_group, "--wandb.job_type", "fold", "--wandb.name", name]
@@ -583,7 +651,8 @@ def summarize(
     pred_paths = [p for p in pred_paths if p.is_file()]
     if pred_paths:
         preds = ensemble_predictions(pred_paths)
-        np.savez(cv_dir / ENSEMBLE_FILE, **preds)
+        with atomic_write(cv_dir / ENSEMBLE_FILE, "wb") as fh:
+            np.savez(fh, **preds)
         summary["ensemble"] = {
             "n_models": len(pred_paths),
             "models": [os.path.relpath(p.parent, cv_dir) for p in pred_paths],
@@ -627,13 +696,11 @@ def _write_summary_csv(path: Path, summary: dict[str, Any]) -> None:
         row = {"run": "ensemble", "status": f"n_models={ens['n_models']}"}
         row.update({f"test/{m}": v for m, v in ens["test"].items()})
         rows.append(row)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_write(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, ["run", "repeat", "fold", "status", *columns], restval="")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    os.replace(tmp, path)
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -754,18 +821,45 @@ def run_cv(argv: list[str]) -> int:
     """Run (or resume) a cross-validation; return 0 when every fold finished, else 1.
 
     Raises:
-        ValueError: bad options, a changed setup under an existing CV directory, bad group file.
+        ValueError: bad options, a changed setup under an existing CV directory, bad group file,
+            or another CV running in the same directory.
     """
+    global _LOCK
     args, fit_args = parse_args(argv)
     if args.folds < 2:
         raise ValueError(f"--folds must be >= 2, got {args.folds}.")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}.")
-    print("Resolving the fit config (medvit fit --print_config)...", flush=True)
-    config = resolve_fit_config(fit_args)
-    _check_fit_config(config)
-    experiment = experiment_of(config)
-    cv_dir = Path(args.cv_dir) if args.cv_dir else Path("cv_runs") / experiment
+    lock = None
+    if args.cv_dir:  # known before the config: a busy folder is refused at once
+        lock = CVDirLock(Path(args.cv_dir))
+        lock.acquire()
+    try:
+        print("Resolving the fit config (medvit fit --print_config)...", flush=True)
+        config = resolve_fit_config(fit_args)
+        _check_fit_config(config)
+        experiment = experiment_of(config)
+        cv_dir = Path(args.cv_dir) if args.cv_dir else Path("cv_runs") / experiment
+        if lock is None:
+            lock = CVDirLock(cv_dir)
+            lock.acquire()
+        _LOCK = lock
+        return _run_locked(args, argv, fit_args, config, experiment, cv_dir)
+    finally:
+        _LOCK = None
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(
+    args: argparse.Namespace,
+    argv: list[str],
+    fit_args: list[str],
+    config: dict[str, Any],
+    experiment: str,
+    cv_dir: Path,
+) -> int:
+    """The part of :func:`run_cv` that runs under the CV directory's lock."""
     pool = load_pool(config["data"], args.pool)
     groups = load_groups(args.group_by, pool) if args.group_by else None
     folds = make_repeated_folds(
@@ -885,6 +979,9 @@ def main(argv: list[str] | None = None) -> None:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         code = run_cv(argv)
+    except CVDirBusy as err:  # not a usage mistake: one line, no usage text
+        print(f"medvit cv: error: {err}", file=sys.stderr)
+        sys.exit(2)
     except ValueError as err:
         build_parser().error(str(err))
     finally:

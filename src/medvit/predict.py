@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from medvit.data.transforms import build_transforms
+from medvit.fileio import atomic_write
 from medvit.models.checkpoint import CheckpointError, load_checkpoint
 from medvit.models.module import ViTClassifier
 
@@ -195,7 +196,7 @@ def predict(
         writer.writerows(rows)
     else:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "w", newline="") as fh:
+        with atomic_write(output, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)

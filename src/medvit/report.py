@@ -28,6 +28,7 @@ from torchmetrics.functional import classification as tmf
 from tqdm.auto import tqdm
 
 from medvit import plots
+from medvit.fileio import atomic_write_text
 
 CV_SUMMARY = "cv_summary.json"
 CV_CONFIG = "cv_config.json"
@@ -979,7 +980,7 @@ def write_report(
     out = Path(output) if output is not None else default_output(dirs)
     text = build_report(dirs, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    atomic_write_text(out, text)
     return out
 
 

@@ -14,6 +14,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from medvit.fileio import atomic_write, atomic_write_text
+
 WANDB_MODES = ("auto", "offline", "online", "disabled")
 
 
@@ -84,8 +86,23 @@ class _AppendingWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
         # A resumed run appends to its history instead of wiping it.
         if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, "rb+") as fh:
+                # A run killed in the middle of appending left half a row: drop it.
+                data = fh.read()
+                if data and not data.endswith(b"\n"):
+                    fh.truncate(data.rfind(b"\n") + 1)
             with open(self.metrics_file_path, newline="") as fh:
                 self.metrics_keys = next(csv.reader(fh), [])
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        # Lightning rewrites the file in place when a metric appears: atomically here, so a
+        # kill during the rewrite cannot cost the history.
+        with open(self.metrics_file_path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        with atomic_write(self.metrics_file_path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 class RunCSVLogger(CSVLogger):
@@ -111,7 +128,7 @@ def wandb_run_id(run_dir: Path) -> str:
     run_id = uuid.uuid4().hex[:12]
     if rank_zero_only.rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
+        atomic_write_text(path, run_id + "\n")
     return run_id
 
 
