@@ -25,6 +25,84 @@ from medvit.wandb_logging import WandbTestMedia
 
 RUN_DIR_ENV = "MEDVIT_RUN_DIR"
 EXTRA_COMMANDS = ("predict", "cv", "report", "cache")
+#: Set to 1 to see the traceback of a user error instead of its one line.
+DEBUG_ENV = "MEDVIT_DEBUG"
+#: One line per command for ``medvit --help`` (a command missing here still gets listed).
+COMMAND_HELP = {
+    "fit": "train a model, test its best checkpoint, write a run folder",
+    "validate": "evaluate a checkpoint on the validation split (--ckpt_path)",
+    "test": "evaluate a checkpoint on the test split (--ckpt_path)",
+    "predict": "class probabilities of image files, folders or an npz split, as CSV",
+    "cv": "k-fold cross-validation of fit (one fit per fold, ensemble on test)",
+    "report": "summarise run folders (or a folder of them) as a Markdown report",
+    "cache": "list the unpacked-data caches, or delete stale ones (--prune)",
+}
+#: Option prefixes ``--help-short`` keeps: medvit's own groups and the essential Lightning ones.
+SHORT_HELP_OPTIONS = (
+    "-c",
+    "--config",
+    "--model.",
+    "--data.",
+    "--run.",
+    "--wandb.",
+    "--progress_bar.",
+    "--ckpt_path",
+    "--force",
+    "--seed_everything",
+    "--trainer.max_epochs",
+    "--trainer.accelerator",
+    "--trainer.devices",
+    "--trainer.precision",
+    "--checkpoint.monitor",
+    "--checkpoint.mode",
+    "--checkpoint.save_top_k",
+)
+
+
+def describe_training_data(
+    name: str,
+    task: str | None,
+    class_names: list[str] | None,
+    num_classes: int | None,
+    in_chans: int | None,
+    img_size: int | None,
+) -> str:
+    """``breastmnist (binary, 2 classes: 'malignant', 'normal, benign'; 1 channel, 28 px)``."""
+    classes = f"{num_classes} classes"
+    if class_names:
+        classes += ": " + ", ".join(repr(str(n)) for n in class_names)
+    channels = f"{in_chans} channel{'s' if in_chans != 1 else ''}"
+    return f"{name} ({task}, {classes}; {channels}, {img_size} px)"
+
+
+def checkpoint_data_mismatch(
+    ckpt_path: str | os.PathLike, ckpt: dict[str, Any], data: Any
+) -> str | None:
+    """A one-line description of how a checkpoint's training data differ from ``data``, or None.
+
+    Compares the checkpoint's ``hyper_parameters`` (classes, task, channels, image size, which
+    ``medvit fit`` stores) with the data module's. A checkpoint without them (not written by
+    medvit) is left to the weight-shape check.
+    """
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or "num_classes" not in hp:
+        return None
+    saved = (hp.get("task"), hp.get("num_classes"), hp.get("in_chans"), hp.get("img_size"))
+    saved_names = list(hp["class_names"]) if hp.get("class_names") else None
+    wanted = (data.task, data.num_classes, data.in_chans, data.img_size)
+    if saved == wanted and (saved_names is None or saved_names == list(data.class_names)):
+        return None
+    data_hp = ckpt.get("datamodule_hyper_parameters") or {}
+    trained_on = data_hp.get("flag") or "other data"
+    if data_hp.get("size") not in (None, 28):
+        trained_on += f"_{data_hp['size']}"
+    name = data.hparams.flag + ("" if data.hparams.size == 28 else f"_{data.hparams.size}")
+    return (
+        f"checkpoint {ckpt_path} was trained on "
+        f"{describe_training_data(trained_on, saved[0], saved_names, *saved[1:])} but the data "
+        f"is {describe_training_data(name, wanted[0], data.class_names, *wanted[1:])}. Use the "
+        "data it was trained on (-c <run>/config.yaml), or --force true to use it anyway."
+    )
 
 
 def experiment_name(config: Any) -> str:
@@ -180,6 +258,13 @@ class MedViTCLI(LightningCLI):
         )
         parser.add_argument("--wandb", type=WandbOptions, default=WandbOptions())
         parser.add_argument(
+            "--force",
+            type=bool,
+            default=False,
+            help="Use --ckpt_path even if its classes, task, channels or image size differ "
+            "from the data's.",
+        )
+        parser.add_argument(
             "--progress_bar.refresh_rate",
             type=int,
             default=DEFAULT_REFRESH_RATE,
@@ -205,7 +290,14 @@ class MedViTCLI(LightningCLI):
             # Refuse a missing, corrupt or code-carrying checkpoint in one line, before Lightning
             # reads it (LightningCLI reads its hyper-parameters right after parsing). mmap: the
             # check costs no tensor reads.
-            load_checkpoint(ckpt_path, mmap=True)
+            ckpt = load_checkpoint(ckpt_path, mmap=True)
+            if not config.get("force"):
+                # A checkpoint of another dataset would run and file its numbers under this
+                # data's name. The data module's constructor only validates its arguments.
+                data = MedMNISTDataModule(**config.data.as_dict())
+                problem = checkpoint_data_mismatch(ckpt_path, ckpt, data)
+                if problem:
+                    raise CheckpointError(problem)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -363,13 +455,103 @@ class MedViTCLI(LightningCLI):
         print(f"Run directory: {run_dir}")
 
 
+def commands() -> list[str]:
+    """Every ``medvit`` command: LightningCLI's subcommands, then medvit's own."""
+    return [*MedViTCLI.subcommands(), *EXTRA_COMMANDS]
+
+
+def main_help() -> str:
+    """``medvit --help``: every command with one line, and where to find their options."""
+    names = commands()
+    width = max(map(len, names)) + 2
+    lines = [
+        f"usage: medvit {{{','.join(names)}}} ...",
+        "",
+        "Train ViTs on medical images (MedMNIST) and evaluate them.",
+        "",
+        "commands:",
+        *(f"  {n:<{width}}{COMMAND_HELP.get(n, '')}".rstrip() for n in names),
+        "",
+        "Options of a command: medvit COMMAND --help. medvit's own options only (model, data,",
+        "run, wandb, essentials): medvit fit --help-short (also validate, test).",
+        f"Errors are one line; {DEBUG_ENV}=1 shows their traceback.",
+    ]
+    return "\n".join(lines)
+
+
+def short_help(subcommand: str) -> str:
+    """``medvit SUBCOMMAND --help-short``: the full help filtered to ``SHORT_HELP_OPTIONS``.
+
+    The full help lists all of Lightning's Trainer and ModelCheckpoint options first (~900
+    lines); this keeps medvit's own groups and a few essential Lightning options, in order.
+    """
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    argv, sys.argv = sys.argv, sys.argv[:1]  # args= alone, without Lightning's warning
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
+            MedViTCLI(args=[subcommand, "--help"])
+    finally:
+        sys.argv = argv
+    out = [f"usage: medvit {subcommand} [options]  (all options: medvit {subcommand} --help)"]
+    header: str | None = None
+    keep = False
+    for line in buffer.getvalue().splitlines():
+        if line and not line.startswith(" "):
+            header, keep = line, False  # a group's title; printed with its first kept option
+        elif line.startswith("  -"):
+            option = line.split()[0].rstrip(",")
+            keep = option.startswith(SHORT_HELP_OPTIONS) and not option.endswith(".help")
+            if keep and header is not None:
+                out += ["", header]
+                header = None
+            if keep:
+                out.append(line)
+        elif line.startswith("    ") and keep:
+            out.append(line)  # the kept option's description continues
+    return "\n".join(out)
+
+
+def _raised_by_medvit(err: BaseException) -> bool:
+    """True when ``err`` was raised by medvit's own code (its argument and data checks)."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    package = Path(__file__).resolve().parent
+    return package in Path(tb.tb_frame.f_code.co_filename).resolve().parents
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is a user's mistake (one line) rather than a bug (traceback).
+
+    A user's mistake is a data or checkpoint file problem, or a ValueError/FileNotFoundError
+    that medvit's own validation raised (e.g. a 3D flag, an unknown positive class). The same
+    types raised inside torch, numpy or Lightning may be bugs and keep their traceback.
+    """
+    if isinstance(err, (DataFileError, CheckpointError)):
+        return True
+    return isinstance(err, (ValueError, FileNotFoundError)) and _raised_by_medvit(err)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``medvit`` console script."""
     from medvit.quiet import silence_known_noise
 
     silence_known_noise()
     words = list(sys.argv[1:] if argv is None else argv)
-    if words and words[0] in EXTRA_COMMANDS:
+    if not words or words[0] in ("-h", "--help"):
+        print(main_help(), file=sys.stdout if words else sys.stderr)
+        if not words:
+            raise SystemExit(2)
+        return
+    if "--help-short" in words and words[0] in MedViTCLI.subcommands():
+        print(short_help(words[0]))
+        return
+    if words[0] in EXTRA_COMMANDS:
         command, rest = words[0], words[1:]
         if command == "predict":
             from medvit.predict import main as predict_main
@@ -391,10 +573,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # args=None lets LightningCLI read sys.argv itself (passing both only earns a warning).
         MedViTCLI(args=argv)
-    except (DataFileError, CheckpointError) as err:
-        # A missing or malformed data or checkpoint file is a user problem, not a bug: no
-        # traceback.
-        print(f"medvit: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as err:
+        # A user's mistake (missing data, a 3D flag, a checkpoint of other data) is one line;
+        # a bug keeps its traceback, and MEDVIT_DEBUG=1 shows it for user errors too.
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0") or not is_user_error(err):
+            raise
+        print(f"medvit: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
