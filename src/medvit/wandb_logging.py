@@ -98,6 +98,11 @@ class MedViTWandbLogger(WandbLogger):
             # (CPU, GPU, memory) are separate and stay on.
             kwargs["settings"] = wandb.Settings(x_disable_meta=True)
         super().__init__(**kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            # Lightning always passes anonymous=None to wandb.init, which wandb >= 0.19 answers
+            # with "The anonymous setting has no effect and will be removed" on every run. None
+            # means "not set", so leaving the key out changes nothing but the notice.
+            self._wandb_init.pop("anonymous", None)
         self._log_model = log_model
         self.log_predictions = log_predictions
         self.log_paths = log_paths
