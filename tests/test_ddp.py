@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
@@ -226,3 +227,27 @@ def test_ddp_with_augmentation_on_the_device_matches_one_process(
     assert diff <= WEIGHT_TOL, f"best weights differ by {diff} (max abs)"
     ckpt = torch.load(one / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2  # 64 images, global batch 32
+
+    # Not vacuous: with this run's data settings the training batches are really augmented.
+    from medvit.data.batch_transforms import BatchAugment
+    from medvit.data.medmnist import MedMNISTDataModule
+
+    data = yaml.safe_load((one / "config.yaml").read_text())["data"]
+    dm = MedMNISTDataModule(**data)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    augmented = dm.on_after_batch_transfer(batch, 0)[0]
+    ref = dm.batch_augment
+    assert ref.preset == "ultrasound", ref
+    raw = BatchAugment(
+        "none",
+        ref.img_size,
+        ref.in_chans,
+        ref.mean.flatten().tolist(),
+        (1 / ref.inv_std).flatten().tolist(),
+    )(batch[0], batch[3])
+    assert augmented.shape == raw.shape == (32, 1, 28, 28)
+    changed = (augmented - raw).abs().flatten(1).amax(1) > 1e-3
+    # Each of the six ops fires with p 0.2-0.5: about 92% of images change.
+    assert changed.sum() >= 24, f"only {int(changed.sum())} of 32 images were augmented"
