@@ -348,3 +348,48 @@ def test_property_multilabel_folds(problem) -> None:
         return
     folds = make_folds(y, k, seed, groups=groups, multilabel=True)
     _check_invariants(y, k, groups, folds, multilabel=True)
+
+
+# ---------------------------------------------------------------- boundaries of the arguments
+def test_smallest_accepted_inputs() -> None:
+    # Exactly n_folds samples of one class: one sample per fold.
+    np.testing.assert_array_equal(np.sort(make_folds(np.zeros(3, int), 3, seed=0)), [0, 1, 2])
+    # repeats defaults to 1 and repeats=1 is accepted.
+    labels = np.array([0, 1] * 6)
+    assert make_repeated_folds(labels, 3, seed=0).shape == (1, 12)
+    np.testing.assert_array_equal(
+        make_repeated_folds(labels, 3, seed=0, repeats=1)[0], make_folds(labels, 3, seed=0)
+    )
+
+
+def test_multilabel_needs_an_indicator_matrix_of_at_least_two_labels() -> None:
+    for bad in (np.array([0, 1] * 10), np.array([[0], [1]] * 10)):
+        with pytest.raises(ValueError, match="multi-label folds need an \\(N, L\\) indicator"):
+            make_folds(bad, 2, seed=0, multilabel=True)
+
+
+class _LosesASample:
+    """A splitter that breaks the contract make_folds relies on: sample (or group) 0 is in no
+    validation fold."""
+
+    def __init__(self, n_splits: int, **_: object) -> None:
+        self.n_splits = n_splits
+
+    def split(self, x, y, groups=None):
+        rest = np.arange(1, len(x))
+        for part in np.array_split(rest, self.n_splits):
+            yield np.setdiff1d(rest, part), part
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("StratifiedKFold", {}), ("MultilabelStratifiedKFold", {"multilabel": True, "groups": True})],
+)
+def test_a_sample_left_without_a_fold_is_an_error(monkeypatch, name, kwargs) -> None:
+    import medvit.splits
+
+    monkeypatch.setattr(medvit.splits, name, _LosesASample)
+    y = np.eye(3, dtype=int)[np.arange(30) % 3] if kwargs.get("multilabel") else np.arange(30) % 3
+    groups = np.arange(30) // 2 if kwargs.get("groups") else None
+    with pytest.raises(RuntimeError, match="some samples got no fold"):
+        make_folds(y, 3, seed=0, groups=groups, multilabel=kwargs.get("multilabel", False))
