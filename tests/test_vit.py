@@ -170,9 +170,11 @@ def test_fused_attention_on_by_default():
 
 def test_warns_when_timm_disables_fused_attention(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr("timm.layers.config._USE_FUSED_ATTN", 0)
-    with pytest.warns(UserWarning, match="scaled_dot_product_attention"):
+    with pytest.warns(UserWarning, match="scaled_dot_product_attention") as record:
         model = create_vit(TINY, num_classes=2, img_size=32, depth=1)
     assert not uses_fused_attention(model)
+    # Attributed to the caller's line, not to medvit's internals.
+    assert Path(record[0].filename) == Path(__file__)
 
 
 # --- local pretrained weights ----------------------------------------------------------------
@@ -311,7 +313,9 @@ def test_non_vit_model_is_rejected():
 
 
 def test_img_size_not_divisible_by_patch():
-    with pytest.raises(ValueError, match=r"img_size 30 is not divisible by the patch size 4.*7x7"):
+    with pytest.raises(
+        ValueError, match=r"img_size 30 is not divisible by the patch size 4: .*7x7"
+    ):
         create_vit(TINY, num_classes=2, img_size=30, patch_size=4)
 
 
@@ -360,3 +364,39 @@ def test_invalid_arguments(kwargs: dict, match: str):
     args = dict(num_classes=2, img_size=32) | kwargs
     with pytest.raises(ValueError, match=match):
         create_vit(TINY, **args)
+
+
+def test_smallest_valid_arguments_are_accepted():
+    assert sincos_2d_pos_embed((1, 3), 8).shape == (3, 8)
+    assert sincos_2d_pos_embed((3, 1), 8).shape == (3, 8)
+    model = create_vit(TINY, num_classes=1, in_chans=1, img_size=4, patch_size=1, depth=1)
+    assert model.head.out_features == 1 and model.patch_embed.proj.in_channels == 1
+    assert model.pos_embed.shape == (1, 1 + 16, TINY_DIM)
+
+
+def test_default_input_is_224_px_rgb():
+    model = create_vit(TINY, num_classes=2, depth=1)
+    assert model.patch_embed.proj.in_channels == 3
+    assert tuple(model.patch_embed.img_size) == (224, 224)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_backbone_file_without_a_classifier_loads(tmp_path: Path, num_classes: int):
+    config = dict(img_size=28, patch_size=4, depth=1)
+    backbone = create_vit(TINY, num_classes=2, **config)
+    state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("head.")}
+    path = tmp_path / "backbone.safetensors"
+    save_file(state, str(path))
+    model = create_vit(TINY, num_classes=num_classes, pretrained=path, **config)
+    assert model.head.out_features == num_classes
+    assert torch.equal(model.blocks[0].mlp.fc1.weight, backbone.blocks[0].mlp.fc1.weight)
+
+
+def test_file_without_the_patch_embedding_names_the_missing_key(tmp_path: Path):
+    config = dict(num_classes=2, img_size=28, patch_size=4, depth=1)
+    state = create_vit(TINY, **config).state_dict()
+    del state["patch_embed.proj.weight"]
+    path = tmp_path / "no_patch_embed.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="missing from file: \\['patch_embed.proj.weight'\\]"):
+        create_vit(TINY, pretrained=path, **config)
