@@ -254,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout-factor", type=float, default=4.0, help="timeout = factor x clean run + 10 s"
     )
+    parser.add_argument(
+        "--rerun-survivors",
+        type=Path,
+        metavar="REPORT",
+        help="run only the mutants that survived in this earlier JSON report (after new tests)",
+    )
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--list", action="store_true", help="only list the mutants")
     args = parser.parse_args(argv)
@@ -289,7 +295,17 @@ def main(argv: list[str] | None = None) -> int:
             path, tests, _ = TARGETS[key]
             mutants = enumerate_mutants(key)
             total = len(mutants)
-            if args.max_per_module and total > args.max_per_module:
+            if args.rerun_survivors:
+                earlier = json.loads(args.rerun_survivors.read_text())["mutants"]
+                wanted = {
+                    (m["line"], m["kind"], m["before"], m["after"])
+                    for m in earlier
+                    if m["module"] == key and m["status"] == "survived"
+                }
+                mutants = [
+                    m for m in mutants if (m[0].line, m[0].kind, m[0].before, m[0].after) in wanted
+                ]
+            elif args.max_per_module and total > args.max_per_module:
                 mutants = random.Random(args.seed).sample(mutants, args.max_per_module)
                 mutants.sort(key=lambda m: m[0].line)
             if args.list:

@@ -400,3 +400,37 @@ def test_file_without_the_patch_embedding_names_the_missing_key(tmp_path: Path):
     save_file(state, str(path))
     with pytest.raises(ValueError, match="missing from file: \\['patch_embed.proj.weight'\\]"):
         create_vit(TINY, pretrained=path, **config)
+
+
+def _save_without(tmp_path: Path, model: torch.nn.Module, *drop: str) -> Path:
+    state = {k: v for k, v in model.state_dict().items() if k not in drop}
+    path = tmp_path / "partial.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def test_load_failure_names_the_mismatch_not_the_adapted_input_channels(tmp_path: Path):
+    # A 1-channel file for another head with one wrong block shape: timm adapts the input
+    # channels and drops the head, so the message must name only the block weight.
+    config = dict(img_size=28, patch_size=4, depth=1)
+    state = create_vit(TINY, num_classes=3, in_chans=1, **config).state_dict()
+    state["blocks.0.norm1.weight"] = torch.ones(100)
+    path = tmp_path / "mismatch.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"first mismatching key 'blocks\.0\.norm1\.weight'"):
+        create_vit(TINY, num_classes=2, in_chans=3, pretrained=path, **config)
+
+
+def test_load_failure_with_a_kept_head_names_its_missing_key(tmp_path: Path):
+    config = dict(num_classes=2, img_size=28, patch_size=4, depth=1)
+    path = _save_without(tmp_path, create_vit(TINY, **config), "head.bias")
+    with pytest.raises(ValueError, match=r"missing from file: \['head\.bias'\],"):
+        create_vit(TINY, pretrained=path, **config)
+
+
+def test_checkpoint_filter_is_looked_up_where_the_model_is_registered():
+    from medvit.models.vit import _model_module
+
+    skeleton = create_vit(TINY, num_classes=2, img_size=32, depth=1)
+    assert _model_module("deit_tiny_patch16_224", skeleton) == "timm.models.deit"
+    assert _model_module(TINY, skeleton) == "timm.models.vision_transformer"
