@@ -260,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="REPORT",
         help="run only the mutants that survived in this earlier JSON report (after new tests)",
     )
+    parser.add_argument(
+        "--exclude",
+        type=Path,
+        metavar="REPORT",
+        help="skip the mutants already run in this earlier JSON report (to finish a sample)",
+    )
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--list", action="store_true", help="only list the mutants")
     args = parser.parse_args(argv)
@@ -295,6 +301,17 @@ def main(argv: list[str] | None = None) -> int:
             path, tests, _ = TARGETS[key]
             mutants = enumerate_mutants(key)
             total = len(mutants)
+            if args.exclude:
+                done = {
+                    (m["line"], m["kind"], m["before"], m["after"])
+                    for m in json.loads(args.exclude.read_text())["mutants"]
+                    if m["module"] == key
+                }
+                mutants = [
+                    m
+                    for m in mutants
+                    if (m[0].line, m[0].kind, m[0].before, m[0].after) not in done
+                ]
             if args.rerun_survivors:
                 earlier = json.loads(args.rerun_survivors.read_text())["mutants"]
                 wanted = {
