@@ -369,6 +369,11 @@ def test_invalid_arguments(kwargs: dict, match: str):
 def test_smallest_valid_arguments_are_accepted():
     assert sincos_2d_pos_embed((1, 3), 8).shape == (3, 8)
     assert sincos_2d_pos_embed((3, 1), 8).shape == (3, 8)
+    for empty in ((0, 3), (3, 0)):
+        with pytest.raises(ValueError, match="grid_size must be positive"):
+            sincos_2d_pos_embed(empty, 8)
+    one_pixel = create_vit(TINY, num_classes=2, in_chans=1, img_size=1, patch_size=1, depth=1)
+    assert one_pixel.pos_embed.shape == (1, 2, TINY_DIM)
     model = create_vit(TINY, num_classes=1, in_chans=1, img_size=4, patch_size=1, depth=1)
     assert model.head.out_features == 1 and model.patch_embed.proj.in_channels == 1
     assert model.pos_embed.shape == (1, 1 + 16, TINY_DIM)
@@ -412,8 +417,9 @@ def _save_without(tmp_path: Path, model: torch.nn.Module, *drop: str) -> Path:
 def test_load_failure_names_the_mismatch_not_the_adapted_input_channels(tmp_path: Path):
     # A 1-channel file for another head with one wrong block shape: timm adapts the input
     # channels and drops the head, so the message must name only the block weight.
+    # The file's 8x8 patch grid is resampled to 7x7 by timm's checkpoint filter first.
     config = dict(img_size=28, patch_size=4, depth=1)
-    state = create_vit(TINY, num_classes=3, in_chans=1, **config).state_dict()
+    state = create_vit(TINY, num_classes=3, in_chans=1, **(config | dict(img_size=32))).state_dict()
     state["blocks.0.norm1.weight"] = torch.ones(100)
     path = tmp_path / "mismatch.safetensors"
     save_file(state, str(path))
@@ -434,3 +440,17 @@ def test_checkpoint_filter_is_looked_up_where_the_model_is_registered():
     skeleton = create_vit(TINY, num_classes=2, img_size=32, depth=1)
     assert _model_module("deit_tiny_patch16_224", skeleton) == "timm.models.deit"
     assert _model_module(TINY, skeleton) == "timm.models.vision_transformer"
+
+
+def test_sincos_needs_an_embed_dim_divisible_by_4_up_front():
+    config = dict(num_classes=2, img_size=28, patch_size=4, depth=1, embed_dim=198, num_heads=3)
+    assert create_vit(TINY, pos_embed="learn", **config).embed_dim == 198
+    with pytest.raises(ValueError, match="pos_embed='sincos' needs an embed dim divisible by 4"):
+        create_vit(TINY, pos_embed="sincos", **config)
+
+
+def test_unknown_model_name_suggests_at_most_five_names():
+    with pytest.raises(ValueError, match="Did you mean") as err:
+        create_vit("vit_base_patch16", num_classes=2)
+    names = str(err.value).split("Did you mean: ")[1].split("?")[0].split(", ")
+    assert len(names) == 5 and all("vit_" in n for n in names), names
