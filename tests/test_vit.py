@@ -454,3 +454,13 @@ def test_unknown_model_name_suggests_at_most_five_names():
         create_vit("vit_base_patch16", num_classes=2)
     names = str(err.value).split("Did you mean: ")[1].split("?")[0].split(", ")
     assert len(names) == 5 and all("vit_" in n for n in names), names
+
+
+def test_load_failure_names_unexpected_keys(tmp_path: Path):
+    config = dict(num_classes=2, img_size=28, patch_size=4, depth=1)
+    state = create_vit(TINY, **config).state_dict()
+    state["extra.weight"] = torch.zeros(3)
+    path = tmp_path / "extra.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"missing from file: \[\], unexpected in file: \['extra"):
+        create_vit(TINY, pretrained=path, **config)
