@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # The report tests open the HTML in a real headless browser (Debian's chromium).
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-    || echo "warning: could not install chromium; browser tests will be skipped" >&2
+    || echo "warning: could not install chromium; browser tests will be skipped (and fail with CI=1)" >&2
 fi
 export OMP_WAIT_POLICY=PASSIVE WANDB_MODE=offline WANDB_SILENT=true
 .venv/bin/ruff check src tests benchmarks

@@ -72,10 +72,16 @@ def synthetic_root(tmp_path: Path):
 
 @pytest.fixture(scope="session")
 def real_data() -> Path:
-    """Folder of the official MedMNIST files (set by .ci/run); tests skip without it."""
+    """Folder of the official MedMNIST files (set by .ci/run).
+
+    Tests skip when ``MEDVIT_TEST_DATA`` is unset, and fail when it is set but the file is not
+    there: a CI whose data went missing must not turn its real-data tests into silent skips.
+    """
     root = os.environ.get(REAL_DATA_ENV)
-    if not root or not (Path(root) / "breastmnist.npz").is_file():
-        pytest.skip(f"{REAL_DATA_ENV} does not point at a folder with breastmnist.npz")
+    if not root:
+        pytest.skip(f"{REAL_DATA_ENV} is not set (a folder holding breastmnist.npz)")
+    if not (Path(root) / "breastmnist.npz").is_file():
+        pytest.fail(f"{REAL_DATA_ENV}={root} but {Path(root) / 'breastmnist.npz'} does not exist")
     return Path(root)
 
 

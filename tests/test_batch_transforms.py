@@ -11,6 +11,7 @@ import monai.transforms as mt
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from albumentations.augmentations.pixel import functional as AF
 
@@ -151,9 +152,18 @@ def test_rot90_and_affine_geometry(x):
     assert moved[..., :7].abs().max() == 0
     filled = bt.affine(x, zeros, ones, ones, torch.full((B,), 0.25), zeros, fill=0.5)
     assert torch.allclose(filled[..., :7], torch.full_like(filled[..., :7], 0.5))
-    # Scale 2 about the centre: the output's centre 14 px are the input's centre 7 px doubled.
+    # Scale 2 about the centre: output pixel i samples the input at 6.75 + i / 2 (pixel-centre
+    # coordinates), so the output's centre 14 px are the input's centre 8 px (10..17) enlarged
+    # twice with half-pixel bilinear weights 0.75 / 0.25, i.e. F.interpolate's own.
     zoom = bt.affine(x, zeros, 2 * ones, 2 * ones, zeros, zeros)
-    assert zoom.shape == x.shape and not torch.allclose(zoom, x)
+    weights = torch.zeros(14, 28)
+    for i in range(14):
+        at = 6.75 + (i + 7) / 2
+        weights[i, int(at)], weights[i, int(at) + 1] = 1 - at % 1, at % 1
+    centre = zoom[..., 7:21, 7:21]
+    assert torch.allclose(centre, weights @ x @ weights.T, atol=1e-5)
+    enlarged = F.interpolate(x[..., 10:18, 10:18], size=(16, 16), mode="bilinear")
+    assert torch.allclose(centre, enlarged[..., 1:15, 1:15], atol=1e-5)
     with pytest.raises(ValueError, match="square"):
         bt.rot90(torch.zeros(1, 1, 4, 6), torch.ones(1, dtype=torch.long))
 
@@ -316,3 +326,128 @@ def test_fit_with_augmentation_on_the_device(synthetic_root, tmp_path):
     assert len(losses) == 1 and np.isfinite(losses[0])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 <= metrics["test"]["auroc"] <= 1 and metrics["epochs_trained"] == 1
+
+
+# ------------------------------------------- every preset's parameters equal the library's
+def _lib_p(op) -> float:
+    return op.prob if isinstance(op, mt.Randomizable) else op.p
+
+
+def _at(u: torch.Tensor, rng: tuple[float, float]) -> torch.Tensor:
+    """The library's (low, high) range at the uniforms ``u``: low at 0, high at 1."""
+    lo, hi = rng
+    return lo + (hi - lo) * u
+
+
+def _expected(op, x: torch.Tensor, u: torch.Tensor, rng: BatchRandom, s: int) -> torch.Tensor:
+    """What the batched op must give for uniforms ``u``, from the library instance's own ranges.
+
+    The formulas are ``bt``'s, checked against the libraries above; what this checks is that
+    each parameter comes from the right library attribute, with its low end at u = 0 and its
+    high end at u = 1, and that each parameter reads its own uniform.
+    """
+    if isinstance(op, A.HorizontalFlip):
+        return x.flip(-1)
+    if isinstance(op, A.VerticalFlip):
+        return x.flip(-2)
+    if isinstance(op, A.RandomRotate90):
+        return bt.rot90(x, torch.floor(u[:, 0] * 4).long().clamp(max=3))
+    if isinstance(op, A.Affine):
+        modes = {cv2.BORDER_CONSTANT: "zeros", cv2.BORDER_REFLECT_101: "reflection"}
+        sx = _at(u[:, 1], op.scale["x"])
+        sy = sx if op.keep_ratio else _at(u[:, 2], op.scale["y"])
+        shift = op.translate_percent or {"x": (0.0, 0.0), "y": (0.0, 0.0)}
+        out = bt.affine(
+            x,
+            _at(u[:, 0], op.rotate),
+            sx,
+            sy,
+            _at(u[:, 3], shift["x"]),
+            _at(u[:, 4], shift["y"]),
+            modes[op.border_mode],
+            op.fill / 255.0,
+        )
+        return out.clamp(0, 1)
+    if isinstance(op, A.MultiplicativeNoise):
+        c = x.shape[1] if op.per_channel else 1
+        shape = (c, *x.shape[2:]) if op.elementwise else (c, 1, 1)
+        return (x * rng.field(s, shape, *op.multiplier, x.device)).clamp(0, 1)
+    if isinstance(op, A.RandomBrightnessContrast):
+        alpha = 1 + _at(u[:, 1], op.contrast_limit)
+        beta = _at(u[:, 0], op.brightness_limit)
+        return (x * alpha.view(-1, 1, 1, 1) + beta.view(-1, 1, 1, 1)).clamp(0, 1)
+    if isinstance(op, A.ColorJitter):
+        b, c, sat = (
+            _at(u[:, i], getattr(op, k))
+            for i, k in enumerate(("brightness", "contrast", "saturation"))
+        )
+        return bt.color_jitter(x, b, c, sat, _at(u[:, 3], op.hue)).clamp(0, 1)
+    if isinstance(op, HEDJitter):
+        scale, shift = _at(u[:, :2], op.scale_range), _at(u[:, 2:], op.shift_range)
+        return bt.hed_jitter(x, scale, shift).clamp(0, 1)
+    if isinstance(op, mt.RandAdjustContrast):
+        return bt.adjust_contrast(x, _at(u[:, 0], op.gamma)).clamp(0, 1)
+    if isinstance(op, mt.RandScaleIntensity):
+        return (x * (1 + _at(u[:, 0], op.factors)).view(-1, 1, 1, 1)).clamp(0, 1)
+    if isinstance(op, mt.RandShiftIntensity):
+        return (x + _at(u[:, 0], op.offsets).view(-1, 1, 1, 1)).clamp(0, 1)
+    if isinstance(op, mt.RandGaussianNoise):
+        sd = _at(u[:, 0], (0.0, op.std)).view(-1, 1, 1, 1)
+        return (x + op.mean + sd * rng.normal(s, x.shape[1:], x.device)).clamp(0, 1)
+    if isinstance(op, mt.RandRicianNoise):
+        sd = _at(u[:, 0], (0.0, op.std)).view(-1, 1, 1, 1)
+        n = rng.normal(s, (2, *x.shape[1:]), x.device)
+        out = torch.sqrt((x + op.mean + sd * n[:, 0]) ** 2 + (op.mean + sd * n[:, 1]) ** 2)
+        return out.clamp(0, 1)
+    if isinstance(op, mt.RandGaussianSmooth):
+        # MONAI's own filter at the drawn sigmas (rows: sigma_x, columns: sigma_y).
+        sig = zip(_at(u[:, 0], op.sigma_x), _at(u[:, 1], op.sigma_y), strict=True)
+        return torch.stack(
+            [
+                torch.as_tensor(mt.GaussianSmooth((float(a), float(b)))(xi))
+                for (a, b), xi in zip(sig, x, strict=True)
+            ]
+        ).clamp(0, 1)
+    if isinstance(op, mt.RandBiasField):
+        return bt.bias_field(x, _at(u, op.coeff_range), op.degree).clamp(0, 1)
+    raise AssertionError(f"no expectation written for {type(op).__name__}")
+
+
+def _uniforms(n_rows: int, n_params: int) -> torch.Tensor:
+    """Row 0 all lows, row 1 all highs, then distinct values per parameter."""
+    u = torch.rand(n_rows, n_params, generator=torch.Generator().manual_seed(5))
+    u[0], u[1] = 0.0, 1.0
+    return u
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_batched_op_has_the_library_ops_probability_and_ranges(preset):
+    from medvit.data.transforms import _PRESET_OPS
+
+    aug = BatchAugment(preset, 28, in_chans=3)
+    x = torch.rand(5, 3, 28, 28, generator=torch.Generator().manual_seed(2)) * 0.8 + 0.1
+    rng = BatchRandom(torch.arange(5))
+    for i, (spec, batched) in enumerate(zip(_PRESET_OPS[preset], aug.ops, strict=True)):
+        lib = spec.build()
+        where = f"{preset} op {i} ({type(lib).__name__})"
+        assert batched.name == type(lib).__name__, where
+        assert batched.p == _lib_p(lib), f"{where}: p={batched.p}, library {_lib_p(lib)}"
+        assert batched.colour == spec.colour, where
+        u = _uniforms(5, batched.draw)
+        got = batched.fn(x, u, rng, i)
+        got = got.clamp(0, 1) if batched.clip else got
+        want = _expected(lib, x, u, rng, i)
+        assert torch.allclose(got, want, atol=1e-4), f"{where}: parameters differ"
+
+
+def test_rotate90_draws_each_quarter_turn_equally():
+    # albumentations draws k uniformly from {0, 1, 2, 3}.
+    op = translate(_alb(A.RandomRotate90, p=1.0))
+    u = (torch.arange(400, dtype=torch.float32)[:, None] + 0.5) / 400
+    x = torch.rand(1, 1, 4, 4).expand(400, -1, -1, -1)
+    out = op.fn(x, u, None, 0)
+    ks = [
+        next(k for k in range(4) if torch.equal(o, bt.rot90(x[:1], torch.tensor([k]))[0]))
+        for o in out
+    ]
+    assert np.bincount(ks, minlength=4).tolist() == [100, 100, 100, 100]

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
@@ -122,7 +123,7 @@ def fits(real_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         "PYTHON": sys.executable,
     }
     out = run(["bash", str(REPO / "scripts" / "torchrun_fit.sh"), *common], cwd=tmp, env=launch)
-    return {"single": single, "ddp": ddp, "tmp": tmp, "ddp_output": out}
+    return {"single": single, "ddp": ddp, "tmp": tmp, "ddp_output": out, "common": common}
 
 
 def test_torchrun_fit_matches_single_process(fits: dict) -> None:
@@ -148,6 +149,50 @@ def test_torchrun_fit_has_the_same_best_weights(fits: dict) -> None:
         fits["ddp"] / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False
     )
     assert ckpt["global_step"] == 4
+
+
+def test_two_nodes_equal_one_node_with_two_processes(fits: dict) -> None:
+    # Two torchrun launches on localhost stand in for two machines: --nnodes 2, one process
+    # each, meeting at one c10d rendezvous (the first to bind the port hosts it).
+    two_nodes = fits["tmp"] / "two_nodes"  # not under runs/, which holds exactly two folders
+    launch = {
+        "NNODES": "2",
+        "GPUS_PER_NODE": "1",
+        "ACCELERATOR": "cpu",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "RUN_ID": "test-two-nodes",
+        "RUN_DIR": str(two_nodes),
+        "PYTHON": sys.executable,
+    }
+    cmd = ["bash", str(REPO / "scripts" / "torchrun_fit.sh"), *fits["common"]]
+    nodes = [
+        subprocess.Popen(
+            cmd,
+            cwd=fits["tmp"],
+            env={**_env(), **launch},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        outs = [node.communicate(timeout=600)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, out in zip(nodes, outs, strict=True):
+        assert node.returncode == 0, f"a node failed:\n{out[-6000:]}"
+    meta = json.loads((two_nodes / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["num_nodes"] == 2, meta
+    # Same ranks, same shards, same all-reduce as 1 node x 2 processes: the same numbers.
+    a = _state_dict(fits["ddp"] / "checkpoints" / "best.ckpt")
+    b = _state_dict(two_nodes / "checkpoints" / "best.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between 2 nodes and 1 node x 2 processes"
+    assert _metrics(fits["ddp"])["test"] == _metrics(two_nodes)["test"]
 
 
 def test_torchrun_writes_one_run_folder(fits: dict) -> None:
@@ -226,3 +271,27 @@ def test_ddp_with_augmentation_on_the_device_matches_one_process(
     assert diff <= WEIGHT_TOL, f"best weights differ by {diff} (max abs)"
     ckpt = torch.load(one / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2  # 64 images, global batch 32
+
+    # Not vacuous: with this run's data settings the training batches are really augmented.
+    from medvit.data.batch_transforms import BatchAugment
+    from medvit.data.medmnist import MedMNISTDataModule
+
+    data = yaml.safe_load((one / "config.yaml").read_text())["data"]
+    dm = MedMNISTDataModule(**data)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    augmented = dm.on_after_batch_transfer(batch, 0)[0]
+    ref = dm.batch_augment
+    assert ref.preset == "ultrasound", ref
+    raw = BatchAugment(
+        "none",
+        ref.img_size,
+        ref.in_chans,
+        ref.mean.flatten().tolist(),
+        (1 / ref.inv_std).flatten().tolist(),
+    )(batch[0], batch[3])
+    assert augmented.shape == raw.shape == (32, 1, 28, 28)
+    changed = (augmented - raw).abs().flatten(1).amax(1) > 1e-3
+    # Each of the six ops fires with p 0.2-0.5: about 92% of images change.
+    assert changed.sum() >= 24, f"only {int(changed.sum())} of 32 images were augmented"

@@ -158,3 +158,32 @@ def test_features_and_forward_shapes():
     x = torch.randn(3, 1, 28, 28)
     assert model(x).shape == (3, 4)
     assert model.features(x).shape == (3, 192)
+
+
+def test_a_compiled_fit_saves_a_checkpoint_that_loads_uncompiled(tmp_path):
+    import lightning as L
+
+    model = make("multiclass", 4, compile=True)
+    model.setup("fit")  # where a fit compiles the network (in place)
+    assert model.net._compiled_call_impl is not None, "setup('fit') did not compile the network"
+    # The checkpoint's keys are the plain network's ("net.*", no "_orig_mod."): test and
+    # predict load it into an uncompiled model with strict loading.
+    plain_keys = set(make("multiclass", 4).state_dict())
+    assert set(model.state_dict()) == plain_keys
+    path = tmp_path / "compiled.ckpt"
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
+    loaded = ViTClassifier.load_from_checkpoint(path, map_location="cpu", pretrained=False)
+    assert loaded.net._compiled_call_impl is None  # only a fit compiles
+    x = torch.randn(2, 1, 28, 28)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        # forward() itself bypasses the compiled call: both run the same eager network.
+        assert torch.equal(loaded.net.forward(x), model.net.forward(x))

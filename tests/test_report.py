@@ -22,7 +22,7 @@ from medmnist import INFO
 from PIL import Image
 from torchmetrics.functional import classification as tmf
 
-from medvit import plots, report
+from medvit import cv, plots, report
 from medvit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +144,6 @@ def real_runs(real_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cv_dir(real_runs, tmp_path_factory):
     """A CV folder in ``medvit cv``'s layout: the two runs as folds 0 and 1; fold 2 missing."""
-    cv = pytest.importorskip("medvit.cv")
     path = tmp_path_factory.mktemp("cv") / "breastmnist-cv"
     for k, run in enumerate(real_runs):
         shutil.copytree(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import medmnist  # a hard dependency (it defines the datasets)
 import numpy as np
 import pytest
 import torch
@@ -57,12 +58,7 @@ def test_every_medmnist_2d_flag_maps_to_a_preset():
         "organcmnist",
         "organsmnist",
     }
-    try:
-        import medmnist
-
-        flags |= {k for k in medmnist.INFO if not k.endswith("3d")}
-    except ImportError:
-        pass
+    flags |= {k for k in medmnist.INFO if not k.endswith("3d")}
     assert flags <= set(MODALITY_BY_FLAG)
     for flag in flags:
         assert preset_for_flag(flag) in PRESETS
@@ -345,3 +341,122 @@ def test_hed_jitter_more_stain_darkens_moderately():
     more = HEDJitter(scale_range=(1.1, 1.1), shift_range=(0.03, 0.03), p=1.0)(image=img)["image"]
     diff = more.astype(int) - img.astype(int)
     assert diff.mean() < -2 and np.abs(diff).max() < 40
+
+
+def test_hed_stain_matrices_are_scikit_images():
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    np.testing.assert_allclose(tf._RGB_FROM_HED, rgb_from_hed, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tf._HE_FROM_RGB, hed_from_rgb[:, :2], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(tf._RGB_FROM_HE, rgb_from_hed[:2], rtol=1e-6, atol=1e-7)
+
+
+def test_hed_jitter_equals_scikit_image_rgb2hed_and_hed2rgb():
+    from skimage.color import hed2rgb, rgb2hed
+
+    # H&E-like pixels: positive H, E and DAB concentrations, so rgb2hed clips nothing.
+    rng = np.random.default_rng(1)
+    stains = rng.uniform([0.05, 0.05, 0.01], [0.15, 0.12, 0.03], (28, 28, 3))
+    img = np.clip(np.rint(hed2rgb(stains) * 256 - 1), 0, 255).astype(np.uint8)
+    scale, shift = np.array([1.08, 0.93]), np.array([0.02, -0.015])
+    got = HEDJitter(p=1.0).apply(img.astype(np.float32) / 255, scale=scale, shift=shift)
+    # medvit's optical density is -log((v + 1) / 256) for a level v; skimage's is
+    # -log(rgb) / -log(1e-6): the same after rescaling both.
+    unit = -np.log(1e-6)
+    hed = rgb2hed((img.astype(np.float64) + 1) / 256)
+    assert (hed > 0).all()
+    hed[..., :2] = hed[..., :2] * scale + shift / unit
+    want = np.clip(hed2rgb(hed) * 256 - 1, 0, 255) / 255
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.abs(got - img / 255).max() > 0.02  # the jitter did change the colours
+
+
+# The reviewed strengths of every preset, op by op ("RGB" marks ops dropped for grey input). The
+# worker and device paths both read this table, so a changed probability or range would change
+# both consistently and no equivalence test would notice; this one does. Change it on purpose,
+# together with the README's preset table.
+PRESET_TABLE = {
+    "none": [],
+    "chest_xray": [
+        "Affine(rotate=(-10, 10), scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=0, fill=0, p=0.7)",
+        "RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25))",
+        "RandScaleIntensity(factors=0.1, prob=0.3)",
+        "RandShiftIntensity(offsets=0.05, prob=0.3)",
+        "RandGaussianNoise(prob=0.2, std=0.02)",
+        "RandGaussianSmooth(sigma_x=(0.25, 0.6), sigma_y=(0.25, 0.6), prob=0.1)",
+    ],
+    "ct": [
+        "Affine(rotate=(-10, 10), scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=0, fill=0, p=0.7)",
+        "RandScaleIntensity(factors=0.1, prob=0.4)",
+        "RandShiftIntensity(offsets=0.05, prob=0.4)",
+        "RandAdjustContrast(prob=0.2, gamma=(0.85, 1.15))",
+        "RandGaussianNoise(prob=0.2, std=0.02)",
+        "RandGaussianSmooth(sigma_x=(0.25, 0.6), sigma_y=(0.25, 0.6), prob=0.1)",
+    ],
+    "ultrasound": [
+        "HorizontalFlip(p=0.5)",
+        "Affine(rotate=(-10, 10), scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=0, fill=0, p=0.5)",
+        "MultiplicativeNoise(multiplier=(0.85, 1.15), elementwise=True, p=0.3)",
+        "RandRicianNoise(prob=0.2, std=0.03)",
+        "RandGaussianSmooth(sigma_x=(0.25, 0.75), sigma_y=(0.25, 0.75), prob=0.2)",
+        "RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25))",
+    ],
+    "oct": [
+        "HorizontalFlip(p=0.5)",
+        "Affine(rotate=(-8, 8), scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=0, fill=0, p=0.5)",
+        "MultiplicativeNoise(multiplier=(0.85, 1.15), elementwise=True, p=0.3)",
+        "RandRicianNoise(prob=0.2, std=0.03)",
+        "RandGaussianSmooth(sigma_x=(0.25, 0.75), sigma_y=(0.25, 0.75), prob=0.2)",
+        "RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25))",
+    ],
+    "dermoscopy": [
+        "HorizontalFlip(p=0.5)",
+        "VerticalFlip(p=0.5)",
+        "RandomRotate90(p=0.5)",
+        "Affine(rotate=(-20, 20), scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=4, p=0.5)",
+        "RGB ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5)",
+        "RandGaussianSmooth(sigma_x=(0.25, 0.6), sigma_y=(0.25, 0.6), prob=0.1)",
+    ],
+    "fundus": [
+        "HorizontalFlip(p=0.5)",
+        "VerticalFlip(p=0.5)",
+        "Affine(rotate=(-180, 180), scale=(0.95, 1.05), border_mode=0, fill=0, p=0.7)",
+        "RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5)",
+        "RGB ColorJitter(brightness=0, contrast=0, saturation=0.1, hue=0.02, p=0.3)",
+        "RandGaussianSmooth(sigma_x=(0.25, 0.6), sigma_y=(0.25, 0.6), prob=0.1)",
+    ],
+    "histopathology": [
+        "HorizontalFlip(p=0.5)",
+        "VerticalFlip(p=0.5)",
+        "RandomRotate90(p=0.5)",
+        "RGB HEDJitter(scale_range=(0.9, 1.1), shift_range=(-0.03, 0.03), p=0.5)",
+        "RGB ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02, p=0.3)",
+        "RandGaussianSmooth(sigma_x=(0.25, 0.6), sigma_y=(0.25, 0.6), prob=0.1)",
+    ],
+    "microscopy": [
+        "HorizontalFlip(p=0.5)",
+        "VerticalFlip(p=0.5)",
+        "RandomRotate90(p=0.5)",
+        "Affine(scale=(0.9, 1.1), border_mode=4, p=0.3)",
+        "RandBiasField(coeff_range=(0.0, 0.05), prob=0.2)",
+        "RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25))",
+        "RandGaussianNoise(prob=0.2, std=0.02)",
+        "RandGaussianSmooth(sigma_x=(0.25, 0.6), sigma_y=(0.25, 0.6), prob=0.1)",
+    ],
+}
+
+
+def test_preset_table_has_the_reviewed_probabilities_and_ranges():
+    got = {
+        preset: [("RGB " if s.colour else "") + str(s) for s in specs]
+        for preset, specs in tf._PRESET_OPS.items()
+    }
+    assert got.keys() == PRESET_TABLE.keys()
+    for preset, want in PRESET_TABLE.items():
+        assert got[preset] == want, f"preset {preset!r} changed"
+    # The strings name what the library objects are built with, not a stale copy of them.
+    for specs in tf._PRESET_OPS.values():
+        for s in specs:
+            built = s.build()
+            p = built.prob if hasattr(built, "prob") else built.p
+            assert p == (s.kwargs.get("prob", s.kwargs.get("p"))), s

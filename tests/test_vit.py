@@ -171,9 +171,11 @@ def test_fused_attention_on_by_default():
 
 def test_warns_when_timm_disables_fused_attention(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr("timm.layers.config._USE_FUSED_ATTN", 0)
-    with pytest.warns(UserWarning, match="scaled_dot_product_attention"):
+    with pytest.warns(UserWarning, match="scaled_dot_product_attention") as record:
         model = create_vit(TINY, num_classes=2, img_size=32, depth=1)
     assert not uses_fused_attention(model)
+    # Attributed to the caller's line, not to medvit's internals.
+    assert Path(record[0].filename) == Path(__file__)
 
 
 # --- local pretrained weights ----------------------------------------------------------------
@@ -391,7 +393,9 @@ def test_non_vit_model_is_rejected():
 
 
 def test_img_size_not_divisible_by_patch():
-    with pytest.raises(ValueError, match=r"img_size 30 is not divisible by the patch size 4.*7x7"):
+    with pytest.raises(
+        ValueError, match=r"img_size 30 is not divisible by the patch size 4: .*7x7"
+    ):
         create_vit(TINY, num_classes=2, img_size=30, patch_size=4)
 
 
@@ -440,3 +444,103 @@ def test_invalid_arguments(kwargs: dict, match: str):
     args = dict(num_classes=2, img_size=32) | kwargs
     with pytest.raises(ValueError, match=match):
         create_vit(TINY, **args)
+
+
+def test_smallest_valid_arguments_are_accepted():
+    assert sincos_2d_pos_embed((1, 3), 8).shape == (3, 8)
+    assert sincos_2d_pos_embed((3, 1), 8).shape == (3, 8)
+    for empty in ((0, 3), (3, 0)):
+        with pytest.raises(ValueError, match="grid_size must be positive"):
+            sincos_2d_pos_embed(empty, 8)
+    one_pixel = create_vit(TINY, num_classes=2, in_chans=1, img_size=1, patch_size=1, depth=1)
+    assert one_pixel.pos_embed.shape == (1, 2, TINY_DIM)
+    model = create_vit(TINY, num_classes=1, in_chans=1, img_size=4, patch_size=1, depth=1)
+    assert model.head.out_features == 1 and model.patch_embed.proj.in_channels == 1
+    assert model.pos_embed.shape == (1, 1 + 16, TINY_DIM)
+
+
+def test_default_input_is_224_px_rgb():
+    model = create_vit(TINY, num_classes=2, depth=1)
+    assert model.patch_embed.proj.in_channels == 3
+    assert tuple(model.patch_embed.img_size) == (224, 224)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_backbone_file_without_a_classifier_loads(tmp_path: Path, num_classes: int):
+    config = dict(img_size=28, patch_size=4, depth=1)
+    backbone = create_vit(TINY, num_classes=2, **config)
+    state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("head.")}
+    path = tmp_path / "backbone.safetensors"
+    save_file(state, str(path))
+    model = create_vit(TINY, num_classes=num_classes, pretrained=path, **config)
+    assert model.head.out_features == num_classes
+    assert torch.equal(model.blocks[0].mlp.fc1.weight, backbone.blocks[0].mlp.fc1.weight)
+
+
+def test_file_without_the_patch_embedding_names_the_missing_key(tmp_path: Path):
+    config = dict(num_classes=2, img_size=28, patch_size=4, depth=1)
+    state = create_vit(TINY, **config).state_dict()
+    del state["patch_embed.proj.weight"]
+    path = tmp_path / "no_patch_embed.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="missing from file: \\['patch_embed.proj.weight'\\]"):
+        create_vit(TINY, pretrained=path, **config)
+
+
+def _save_without(tmp_path: Path, model: torch.nn.Module, *drop: str) -> Path:
+    state = {k: v for k, v in model.state_dict().items() if k not in drop}
+    path = tmp_path / "partial.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def test_load_failure_names_the_mismatch_not_the_adapted_input_channels(tmp_path: Path):
+    # A 1-channel file for another head with one wrong block shape: timm adapts the input
+    # channels and drops the head, so the message must name only the block weight.
+    # The file's 8x8 patch grid is resampled to 7x7 by timm's checkpoint filter first.
+    config = dict(img_size=28, patch_size=4, depth=1)
+    state = create_vit(TINY, num_classes=3, in_chans=1, **(config | dict(img_size=32))).state_dict()
+    state["blocks.0.norm1.weight"] = torch.ones(100)
+    path = tmp_path / "mismatch.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"first mismatching key 'blocks\.0\.norm1\.weight'"):
+        create_vit(TINY, num_classes=2, in_chans=3, pretrained=path, **config)
+
+
+def test_load_failure_with_a_kept_head_names_its_missing_key(tmp_path: Path):
+    config = dict(num_classes=2, img_size=28, patch_size=4, depth=1)
+    path = _save_without(tmp_path, create_vit(TINY, **config), "head.bias")
+    with pytest.raises(ValueError, match=r"missing from file: \['head\.bias'\],"):
+        create_vit(TINY, pretrained=path, **config)
+
+
+def test_checkpoint_filter_is_looked_up_where_the_model_is_registered():
+    from medvit.models.vit import _model_module
+
+    skeleton = create_vit(TINY, num_classes=2, img_size=32, depth=1)
+    assert _model_module("deit_tiny_patch16_224", skeleton) == "timm.models.deit"
+    assert _model_module(TINY, skeleton) == "timm.models.vision_transformer"
+
+
+def test_sincos_needs_an_embed_dim_divisible_by_4_up_front():
+    config = dict(num_classes=2, img_size=28, patch_size=4, depth=1, embed_dim=198, num_heads=3)
+    assert create_vit(TINY, pos_embed="learn", **config).embed_dim == 198
+    with pytest.raises(ValueError, match="pos_embed='sincos' needs an embed dim divisible by 4"):
+        create_vit(TINY, pos_embed="sincos", **config)
+
+
+def test_unknown_model_name_suggests_at_most_five_names():
+    with pytest.raises(ValueError, match="Did you mean") as err:
+        create_vit("vit_base_patch16", num_classes=2)
+    names = str(err.value).split("Did you mean: ")[1].split("?")[0].split(", ")
+    assert len(names) == 5 and all("vit_" in n for n in names), names
+
+
+def test_load_failure_names_unexpected_keys(tmp_path: Path):
+    config = dict(num_classes=2, img_size=28, patch_size=4, depth=1)
+    state = create_vit(TINY, **config).state_dict()
+    state["extra.weight"] = torch.zeros(3)
+    path = tmp_path / "extra.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"missing from file: \[\], unexpected in file: \['extra"):
+        create_vit(TINY, pretrained=path, **config)
