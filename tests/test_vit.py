@@ -544,3 +544,14 @@ def test_load_failure_names_unexpected_keys(tmp_path: Path):
     save_file(state, str(path))
     with pytest.raises(ValueError, match=r"missing from file: \[\], unexpected in file: \['extra"):
         create_vit(TINY, pretrained=path, **config)
+
+
+def test_a_file_missing_a_body_tensor_is_refused_even_when_the_head_is_replaced(tmp_path: Path):
+    source = create_vit(TINY, num_classes=3, in_chans=1, img_size=28, patch_size=4, depth=1)
+    state = {k: v for k, v in source.state_dict().items() if k != "blocks.0.norm1.weight"}
+    path = tmp_path / "partial.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"lacks 1 tensor.*blocks\.0\.norm1\.weight"):
+        create_vit(
+            TINY, num_classes=2, in_chans=1, img_size=28, patch_size=4, depth=1, pretrained=path
+        )

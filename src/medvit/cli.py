@@ -183,6 +183,13 @@ class CheckpointFolderFollowsRun(L.Callback):
             return
         here = Path(ckpt_path).resolve().parent
         states = checkpoint.get("callbacks") or {}
+        if trainer.state.fn != "fit":
+            # test/validate write no checkpoint: the checkpoint callback's saved state (folder,
+            # best/last paths) means nothing there, and restoring it only warns "dirpath has
+            # changed" when another run's checkpoint is evaluated.
+            for callback in trainer.checkpoint_callbacks:
+                states.pop(callback.state_key, None)
+            return
         for callback in trainer.checkpoint_callbacks:
             state = states.get(callback.state_key)
             old = state.get("dirpath") if isinstance(state, dict) else None

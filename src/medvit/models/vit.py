@@ -191,6 +191,16 @@ def create_vit(
             ) from err
         summary = load_summary(file_state, model, drops_head=num_classes != overlay["num_classes"])
         summary["source"] = str(weights_file)
+        # timm loads non-strictly when it replaces the head: a file missing a body tensor would
+        # leave that tensor at its random init without a word. Only the head may be new.
+        classifiers = _cfg_names(skeleton.pretrained_cfg, "classifier")
+        body = [k for k in summary["new"] if k.rsplit(".", 1)[0] not in classifiers]
+        if body:
+            raise ValueError(
+                f"{str(weights_file)!r} lacks {len(body)} tensor(s) of {model_name!r} besides "
+                f"the head (first: {body[:3]}); they would stay randomly initialised. Was it "
+                "saved from another architecture?"
+            )
 
     if pos_embed == "sincos":
         _set_sincos_pos_embed(model)
