@@ -70,6 +70,33 @@ def synthetic_root(tmp_path: Path):
     return make
 
 
+def short_breast_fit(tmp: Path, *extra: str) -> Path:
+    """Fit 2 epochs (then test) on a small synthetic BreastMNIST file in ``tmp``; the run folder.
+
+    Positive class malignant (index 0); ``extra`` are more ``medvit fit`` options.
+    """
+    from medvit.cli import main
+
+    make_medmnist_npz(tmp / "data" / "breastmnist.npz", "breastmnist", n=(48, 24, 30))
+    main(
+        [
+            "fit",
+            f"--data.root={tmp / 'data'}",
+            "--data.verify_md5=false",
+            "--data.num_workers=0",
+            "--data.global_batch_size=8",
+            "--model.patch_size=7",
+            "--trainer.max_epochs=2",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--run.root={tmp / 'runs'}",
+            *extra,
+        ]
+    )
+    (run_dir,) = (tmp / "runs" / "breastmnist").iterdir()
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """Folder of the official MedMNIST files (set by .ci/run).

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_calibration_error
 
-from medvit.cli import main
 from medvit.models.module import fit_temperature
 
 
@@ -37,27 +36,9 @@ def test_multilabel_temperature_uses_a_sigmoid_per_label():
 
 @pytest.fixture(scope="module")
 def calibrated_run(tmp_path_factory) -> Path:
-    from conftest import make_medmnist_npz
+    from conftest import short_breast_fit
 
-    tmp = tmp_path_factory.mktemp("ts")
-    make_medmnist_npz(tmp / "data" / "breastmnist.npz", "breastmnist", n=(48, 24, 30))
-    main(
-        [
-            "fit",
-            f"--data.root={tmp / 'data'}",
-            "--data.verify_md5=false",
-            "--data.num_workers=0",
-            "--data.global_batch_size=8",
-            "--model.patch_size=7",
-            "--model.temperature_scaling=true",
-            "--trainer.max_epochs=2",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-            f"--run.root={tmp / 'runs'}",
-        ]
-    )
-    (run_dir,) = (tmp / "runs" / "breastmnist").iterdir()
-    return run_dir
+    return short_breast_fit(tmp_path_factory.mktemp("ts"), "--model.temperature_scaling=true")
 
 
 def test_test_predictions_use_the_validation_temperature(calibrated_run):

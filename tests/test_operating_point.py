@@ -93,27 +93,9 @@ def test_cli_links_the_positive_class(synthetic_root, tmp_path):
 @pytest.fixture(scope="module")
 def breast_run(tmp_path_factory) -> Path:
     """A short fit + test on a synthetic BreastMNIST file (positive class: malignant = 0)."""
-    from conftest import make_medmnist_npz
+    from conftest import short_breast_fit
 
-    tmp = tmp_path_factory.mktemp("op")
-    make_medmnist_npz(tmp / "data" / "breastmnist.npz", "breastmnist", n=(48, 24, 30))
-    main(
-        [
-            "fit",
-            f"--data.root={tmp / 'data'}",
-            "--data.verify_md5=false",
-            "--data.num_workers=0",
-            "--data.global_batch_size=8",
-            "--model.patch_size=7",
-            "--model.target_sensitivity=0.9",
-            "--trainer.max_epochs=2",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-            f"--run.root={tmp / 'runs'}",
-        ]
-    )
-    (run_dir,) = (tmp / "runs" / "breastmnist").iterdir()
-    return run_dir
+    return short_breast_fit(tmp_path_factory.mktemp("op"), "--model.target_sensitivity=0.9")
 
 
 def test_binary_metrics_describe_the_positive_class(breast_run):
