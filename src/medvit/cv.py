@@ -454,6 +454,10 @@ def launch(cmd: list[str], log_path: Path) -> int:
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, PARENT_ENV: str(os.getpid())}
+    # Each fold starts its own wandb service. One inherited from this process (a notebook or a
+    # test that used wandb) would outlive a killed fold and still hold its run ID, so the
+    # fold's resumed run would be refused with "run ID ... is in use".
+    env.pop("WANDB_SERVICE", None)
     keep = (_LOCK.fd,) if _LOCK is not None and _LOCK.fd is not None else ()
     with open(log_path, "a") as log:
         stamp = datetime.now().isoformat(timespec="seconds")
