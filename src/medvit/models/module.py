@@ -157,8 +157,8 @@ class ViTClassifier(L.LightningModule):
         self.test_index, self.test_probs, self.test_target = CatMetric(), CatMetric(), CatMetric()
         self.test_logits = CatMetric(nan_strategy="disable")  # for the ECE before calibration
         self.test_predictions: dict[str, np.ndarray] | None = None
-        # Binary tasks: validation probabilities of the positive class choose the operating
-        # threshold. A buffer, so best.ckpt carries the threshold of its own validation epoch.
+        # The validation logits fit the temperature and (binary tasks) choose the operating
+        # threshold. Both are buffers, so best.ckpt carries those of its own validation epoch.
         self.val_logits = CatMetric(nan_strategy="disable")
         self.val_target = CatMetric(nan_strategy="disable")
         self.register_buffer("op_threshold", torch.tensor(float("nan")))
