@@ -264,7 +264,6 @@ class BareLoop:
         self.net = torch.compile(module.net) if args.compile else module.net
         self.optimizer, self.scheduler = bare_optimizer(module, total_steps=10**6)
         self.clip = args.clip
-        self.marks_class = Marks  # profile_paths swaps in one that also starts the profiler
         bf16 = args.precision.startswith("bf16")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         if args.precision not in ("32-true", "32", "bf16-mixed"):
@@ -272,7 +271,12 @@ class BareLoop:
         module.cpu()  # off the device until its first run, as the fit path's model
 
     def run(
-        self, loader: torch.utils.data.DataLoader, start: int, count: int, sync: Any
+        self,
+        loader: torch.utils.data.DataLoader,
+        start: int,
+        count: int,
+        sync: Any,
+        marks_class: type[Marks] = Marks,
     ) -> dict[str, Any]:
         """Train ``start + count`` steps; the timings of the last ``count`` (see ``Marks``).
 
@@ -284,16 +288,21 @@ class BareLoop:
         self.module.to(self.device)
         _optimizers_to_device([self.optimizer], self.device)
         try:
-            return self._steps(loader, start, count, sync)
+            return self._steps(loader, start, count, sync, marks_class)
         finally:
             self.module.cpu()
             _optimizers_to_device([self.optimizer], torch.device("cpu"))
 
     def _steps(
-        self, loader: torch.utils.data.DataLoader, start: int, count: int, sync: Any
+        self,
+        loader: torch.utils.data.DataLoader,
+        start: int,
+        count: int,
+        sync: Any,
+        marks_class: type[Marks],
     ) -> dict[str, Any]:
         self.module.train()
-        marks = self.marks_class(count, sync)
+        marks = marks_class(count, sync)
         non_blocking = self.device.type == "cuda"
         for i, batch in enumerate(loader):
             x, y, _ = (t.to(self.device, non_blocking=non_blocking) for t in batch)
@@ -410,26 +419,19 @@ def profile_paths(
     out = {"fit": profile_summary(window.prof, window.wall_s, count)}
 
     prof_bare = _profiler(device)
-    holder: dict[str, float] = {}
 
-    class _Marks(Marks):  # start the profiler where the timed window starts
+    class _Marks(Marks):  # the profiler runs exactly over the timed window
         def mark(self) -> bool:
             if not self.wall:
                 sync()
                 prof_bare.__enter__()
-                holder["t0"] = time.perf_counter()
             done = super().mark()
             if done:
-                holder["wall"] = time.perf_counter() - holder["t0"]
                 prof_bare.__exit__(None, None, None)
             return done
 
-    bare.marks_class = _Marks
-    try:
-        bare.run(loader(), start, count, sync)
-    finally:
-        bare.marks_class = Marks
-    out["bare"] = profile_summary(prof_bare, holder["wall"], count)
+    window = bare.run(loader(), start, count, sync, marks_class=_Marks)
+    out["bare"] = profile_summary(prof_bare, window["wall_s"], count)
     return out
 
 

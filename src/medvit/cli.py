@@ -229,6 +229,8 @@ class MedViTCLI(LightningCLI):
         )
         kwargs.setdefault("parser_kwargs", {"description": "Train ViTs on medical images."})
         self.run_dir: Path | None = None
+        # The --ckpt_path checkpoint, read safely once while parsing; checked again for fit.
+        self._checkpoint: dict[str, Any] | None = None
         super().__init__(ViTClassifier, MedMNISTDataModule, *args, **kwargs)
 
     @staticmethod
@@ -297,7 +299,7 @@ class MedViTCLI(LightningCLI):
             # Refuse a missing, corrupt or code-carrying checkpoint in one line, before Lightning
             # reads it (LightningCLI reads its hyper-parameters right after parsing). mmap: the
             # check costs no tensor reads.
-            ckpt = load_checkpoint(ckpt_path, mmap=True)
+            ckpt = self._checkpoint = load_checkpoint(ckpt_path, mmap=True)
             if not config.get("force"):
                 # A checkpoint of another dataset would run and file its numbers under this
                 # data's name. The data module's constructor only validates its arguments.
@@ -321,9 +323,9 @@ class MedViTCLI(LightningCLI):
         28 px run tested with a 64 px config.
         """
         ckpt_path = self._subconfig().get("ckpt_path")
-        if not ckpt_path or not is_local_file_path(ckpt_path):
+        if self._checkpoint is None:  # no local --ckpt_path (parse_arguments read it otherwise)
             return
-        saved = load_checkpoint(ckpt_path, mmap=True).get("state_dict")
+        saved = self._checkpoint.get("state_dict")
         if not isinstance(saved, dict):
             raise CheckpointError(f"{ckpt_path} holds no model weights (no 'state_dict').")
         expected = self.model.state_dict()

@@ -3,8 +3,8 @@
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global
 figure registry, so a report of many runs does not leak memory) and renders with Agg. In a
 notebook, a returned figure displays inline. Curves come from torchmetrics' functional API;
-binary tasks show the positive class (``Predictions.positive``), multi-class and multi-label tasks show every
-class plus the macro average.
+binary tasks show the positive class (``Predictions.positive``), multi-class and multi-label
+tasks show every class plus the macro average.
 """
 
 from __future__ import annotations
@@ -474,9 +474,9 @@ def calibration_bins(
     """Reliability-diagram bins, defined as torchmetrics' calibration error (``ece`` metric).
 
     Binary: confidence = probability of the positive class, outcome = it is the true class.
-    Multi-class: confidence =
-    top probability, outcome = top prediction correct. Multi-label: every (sample, label) pair as
-    a binary prediction. Bins split [0, 1] into ``n_bins`` equal widths.
+    Multi-class: confidence = top probability, outcome = top prediction correct. Multi-label:
+    every (sample, label) pair as a binary prediction. Bins split [0, 1] into ``n_bins`` equal
+    widths.
 
     Returns:
         dict with ``edges`` (n_bins + 1), ``confidence``, ``accuracy`` and ``count`` per bin

@@ -66,13 +66,12 @@ def load_checkpoint(
             raise CheckpointError(
                 f"cannot read {path} as safetensors ({type(err).__name__}: {_one_line(err)})."
             ) from err
-    kwargs = {"map_location": map_location, "weights_only": True}
     try:
         try:
-            return torch.load(path, mmap=mmap, **kwargs) if mmap else torch.load(path, **kwargs)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except RuntimeError as err:
             if mmap and "mmap" in str(err):  # an old (non-zip) torch.save format: no mmap
-                return torch.load(path, **kwargs)
+                return torch.load(path, map_location=map_location, weights_only=True)
             raise
     except pickle.UnpicklingError as err:
         found = re.findall(r"Unsupported globals?:(?: GLOBAL)?\s*([\w.]+)", str(err))
