@@ -48,7 +48,7 @@ import torch  # noqa: E402
 # name; that is also why no script may share a package's name (no benchmarks/medmnist.py).
 from pipeline import SIZES, ensure_data, machine_info, measure_pipeline, write_report  # noqa: E402
 
-from medvit.progress import DEFAULT_REFRESH_RATE  # noqa: E402
+from medvit.train.progress import DEFAULT_REFRESH_RATE  # noqa: E402
 
 MODELS = {
     "vit_tiny": "vit_tiny_patch16_224",

@@ -188,7 +188,7 @@ def test_predict_npz_split_and_image_files(fitted, tmp_path):
     for i, image in enumerate(images):
         files.append(tmp_path / f"img{i}.png")
         Image.fromarray(image).save(files[-1])
-    rows = __import__("medvit.predict", fromlist=["predict"]).predict(
+    rows = __import__("medvit.evaluate.predict", fromlist=["predict"]).predict(
         ckpt, [str(f) for f in files], tmp_path / "png.csv"
     )
     assert np.allclose([[r[c] for c in prob_cols] for r in rows], saved[:3], atol=1e-5)

@@ -183,7 +183,7 @@ def test_bugs_keep_their_traceback():
 def test_offline_wandb_prints_no_anonymous_notice(tmp_path, monkeypatch):
     import wandb
 
-    from medvit.wandb_logging import MedViTWandbLogger
+    from medvit.train.wandb_logging import MedViTWandbLogger
 
     notices: list[str] = []
     real = wandb.termwarn

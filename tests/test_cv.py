@@ -27,7 +27,8 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from medvit import cv
-from medvit.data.medmnist import MedMNISTDataModule, read_folds
+from medvit.data.medmnist import MedMNISTDataModule
+from medvit.runs import read_folds
 
 REPO = Path(__file__).resolve().parents[1]
 

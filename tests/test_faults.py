@@ -42,10 +42,10 @@ import pytest
 import torch
 
 from medvit import cv
-from medvit.callbacks import write_json
 from medvit.data.files import DataFileError, release_caches
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.fileio import atomic_write, atomic_write_text
+from medvit.train.callbacks import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,7 +165,7 @@ def test_report_html_survives_a_full_disk(tmp_path, monkeypatch):
 def test_predictions_npz_survives_a_full_disk(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from medvit.callbacks import PREDICTIONS_FILE, RunRecorder
+    from medvit.train.callbacks import PREDICTIONS_FILE, RunRecorder
 
     path = tmp_path / PREDICTIONS_FILE
     path.write_bytes(b"old predictions")
@@ -193,7 +193,7 @@ def _csv_rows(path: Path) -> list[list[str]]:
 
 
 def test_metrics_csv_resumes_after_a_kill_mid_append(tmp_path):
-    from medvit.tracking import RunCSVLogger
+    from medvit.train.tracking import RunCSVLogger
 
     logger = RunCSVLogger(tmp_path)
     logger.log_metrics({"train/loss": 1.0}, step=0)
@@ -209,7 +209,7 @@ def test_metrics_csv_resumes_after_a_kill_mid_append(tmp_path):
 
 
 def test_metrics_csv_header_rewrite_survives_a_full_disk(tmp_path):
-    from medvit.tracking import RunCSVLogger
+    from medvit.train.tracking import RunCSVLogger
 
     logger = RunCSVLogger(tmp_path)
     for step in range(50):
@@ -508,7 +508,7 @@ def test_fit_killed_at_random_points_resumes_to_the_same_result(real_data, tmp_p
     assert big == [], f"half-written checkpoints left in the temp folder: {big}"
 
     # medvit predict onto an existing CSV while the disk fills: the old CSV stays whole.
-    from medvit.predict import predict
+    from medvit.evaluate.predict import predict
 
     out = tmp_path / "predictions.csv"
     predict(straight_dir / "checkpoints" / "best.ckpt", [f"{real_data}/breastmnist.npz:val"], out)

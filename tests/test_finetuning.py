@@ -6,9 +6,9 @@ import lightning as L
 import pytest
 import torch
 
-from medvit.callbacks import ViTFinetuning
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.models.module import ViTClassifier
+from medvit.train.callbacks import ViTFinetuning
 
 
 class Snapshot(L.Callback):

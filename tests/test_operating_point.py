@@ -142,7 +142,7 @@ def test_report_names_the_positive_class_and_the_operating_point(breast_run):
 def test_curves_and_calibration_are_about_the_positive_class(breast_run):
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from medvit import plots
+    from medvit.evaluate import plots
 
     preds = plots.Predictions.load(breast_run / "test_predictions.npz")
     assert preds.positive == 0

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import medvit.predict as predict_module
+import medvit.evaluate.predict as predict_module
 from medvit.cli import main
+from medvit.evaluate.predict import predict
 from medvit.models.module import ViTClassifier
-from medvit.predict import predict
 
 NAMES = ["malignant", "normal, benign"]
 
@@ -80,7 +80,7 @@ def test_float_tiff_maps_its_min_max_to_0_255(ckpt, tmp_path, monkeypatch):
 
 
 def test_to_uint8_rules():
-    from medvit.predict import to_uint8
+    from medvit.evaluate.predict import to_uint8
 
     eight = np.array([[0, 7, 255]], np.uint8)
     assert to_uint8(eight) is eight

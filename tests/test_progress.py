@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medvit.cli import MedViTCLI
-from medvit.progress import LossProgressBar
+from medvit.train.progress import LossProgressBar
 
 
 class CountingLoss(torch.Tensor):

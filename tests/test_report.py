@@ -22,8 +22,9 @@ from medmnist import INFO
 from PIL import Image
 from torchmetrics.functional import classification as tmf
 
-from medvit import cv, plots, report
+from medvit import cv, report
 from medvit.cli import main
+from medvit.evaluate import plots
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PLOTS = {

@@ -21,10 +21,11 @@ import pytest
 import torch
 from conftest import make_medmnist_npz
 
-from medvit import cv, predict
+from medvit import cv
 from medvit.cli import main
 from medvit.data.files import DataFileError
 from medvit.data.medmnist import MedMNISTDataModule
+from medvit.evaluate import predict
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = [
@@ -73,7 +74,7 @@ def fitted(tmp_path_factory):
     """
     tmp = tmp_path_factory.mktemp("safety")
     make_medmnist_npz(tmp / "data" / "breastmnist.npz", "breastmnist", n=(32, 12, 12))
-    finetune = {"class_path": "medvit.callbacks.ViTFinetuning", "init_args": {}}
+    finetune = {"class_path": "medvit.train.callbacks.ViTFinetuning", "init_args": {}}
     main(
         [
             "fit",

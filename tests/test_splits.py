@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
-from medvit.splits import make_folds, make_repeated_folds
+from medvit.evaluate.splits import make_folds, make_repeated_folds
 
 
 @pytest.fixture
@@ -386,9 +386,9 @@ class _LosesASample:
     [("StratifiedKFold", {}), ("MultilabelStratifiedKFold", {"multilabel": True, "groups": True})],
 )
 def test_a_sample_left_without_a_fold_is_an_error(monkeypatch, name, kwargs) -> None:
-    import medvit.splits
+    import medvit.evaluate.splits
 
-    monkeypatch.setattr(medvit.splits, name, _LosesASample)
+    monkeypatch.setattr(medvit.evaluate.splits, name, _LosesASample)
     y = np.eye(3, dtype=int)[np.arange(30) % 3] if kwargs.get("multilabel") else np.arange(30) % 3
     groups = np.arange(30) // 2 if kwargs.get("groups") else None
     with pytest.raises(RuntimeError, match="some samples got no fold"):

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from medvit.cli import main
-from medvit.wandb_logging import REDACTED, WandbTestMedia, redact_paths
+from medvit.train.wandb_logging import REDACTED, WandbTestMedia, redact_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [

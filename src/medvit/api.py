@@ -56,8 +56,8 @@ class RunFolder:
         return self.path / name if name else None
 
     def predictions(self) -> Any:
-        """The test predictions as :class:`medvit.plots.Predictions`."""
-        from medvit.plots import Predictions
+        """The test predictions as :class:`medvit.evaluate.plots.Predictions`."""
+        from medvit.evaluate.plots import Predictions
 
         return Predictions.load(self.path / "test_predictions.npz")
 

@@ -14,14 +14,14 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from medvit.callbacks import METRICS_FILE, RunRecorder
 from medvit.data.files import DataFileError
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.models.checkpoint import CheckpointError, is_local_file_path, load_checkpoint
 from medvit.models.module import ViTClassifier
-from medvit.progress import DEFAULT_REFRESH_RATE, LossProgressBar
-from medvit.tracking import WandbOptions, build_loggers
-from medvit.wandb_logging import WandbTestMedia
+from medvit.train.callbacks import METRICS_FILE, RunRecorder
+from medvit.train.progress import DEFAULT_REFRESH_RATE, LossProgressBar
+from medvit.train.tracking import WandbOptions, build_loggers
+from medvit.train.wandb_logging import WandbTestMedia
 
 RUN_DIR_ENV = "MEDVIT_RUN_DIR"
 EXTRA_COMMANDS = ("predict", "cv", "report", "cache")
@@ -235,7 +235,7 @@ class MedViTCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        # predict has its own command (images or npz files -> CSV); see medvit.predict.
+        # predict has its own command (images or npz files -> CSV); see medvit.evaluate.predict.
         return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -422,7 +422,7 @@ class MedViTCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _add_progress_bar(self, config: Any, kwargs: dict[str, Any]) -> None:
-        """medvit's bar (see ``medvit.progress``) unless the bar is off or the user gave one."""
+        """medvit's bar (see ``medvit.train.progress``) unless the bar is off or the user gave one."""
         if config.trainer.get("enable_progress_bar") is False:
             return
         trainer_init = self._get(self.config_init, "trainer", default={})
@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
     if words[0] in EXTRA_COMMANDS:
         command, rest = words[0], words[1:]
         if command == "predict":
-            from medvit.predict import main as predict_main
+            from medvit.evaluate.predict import main as predict_main
 
             predict_main(rest)
         elif command == "cv":

@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from medvit.callbacks import METRICS_FILE, PREDICTIONS_FILE, write_json
+from medvit.evaluate.splits import make_repeated_folds
 from medvit.fileio import atomic_write, atomic_write_text
-from medvit.splits import make_repeated_folds
+from medvit.train.callbacks import METRICS_FILE, PREDICTIONS_FILE, write_json
 
 POOLS = ("train+val", "train")
 CV_CONFIG = "cv_config.json"
@@ -750,7 +750,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def wandb_sync_command(cv_dir: Path, wandb_config: dict[str, Any]) -> str | None:
     """The ``wandb sync`` command for this CV's offline runs (folds and summary), if any."""
-    from medvit.tracking import resolve_wandb_mode
+    from medvit.train.tracking import resolve_wandb_mode
 
     if not wandb_config.get("enabled"):
         return None
@@ -770,7 +770,7 @@ def log_wandb_summary(
     Returns:
         The wandb run's local directory, or None when wandb is off or disabled.
     """
-    from medvit.tracking import resolve_wandb_mode
+    from medvit.train.tracking import resolve_wandb_mode
 
     if not wandb_config.get("enabled"):
         return None

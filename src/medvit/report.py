@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from torchmetrics.functional import classification as tmf
 from tqdm.auto import tqdm
 
-from medvit import plots
+from medvit.evaluate import plots
 from medvit.fileio import atomic_write_text
 
 CV_SUMMARY = "cv_summary.json"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,7 @@ from medvit.data.files import (
     verify_md5,
 )
 from medvit.data.transforms import build_transforms, preset_for_flag
+from medvit.runs import read_folds
 
 SIZES = (28, 64, 128, 224)
 TASKS = {
@@ -589,23 +589,3 @@ class MedMNISTDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.data_test, train=False)
-
-
-def read_folds(path: str | os.PathLike, repeat: int = 0) -> dict[str, np.ndarray]:
-    """Rows of a ``folds.csv`` (columns ``split,index,repeat,fold``) for one repeat."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"folds file {path} does not exist.")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        need = {"split", "index", "repeat", "fold"}
-        if not need <= set(reader.fieldnames or ()):
-            raise ValueError(f"{path} needs the columns {sorted(need)}, has {reader.fieldnames}.")
-        rows = [r for r in reader if int(r["repeat"]) == repeat]
-    if not rows:
-        raise ValueError(f"{path} has no rows for repeat {repeat}.")
-    return {
-        "split": np.array([r["split"] for r in rows]),
-        "index": np.array([int(r["index"]) for r in rows], dtype=np.int64),
-        "fold": np.array([int(r["fold"]) for r in rows], dtype=np.int64),
-    }

@@ -258,7 +258,7 @@ class ViTClassifier(L.LightningModule):
         loss = self.loss(self(x), y)
         self.train_loss(loss)
         # Not prog_bar=True: Lightning would read it as a float after every step (a device sync).
-        # The progress bar (medvit.progress) reads this tensor only when it refreshes.
+        # The progress bar (medvit.train.progress) reads this tensor only when it refreshes.
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True)
         self.last_train_loss = loss.detach()
         return loss

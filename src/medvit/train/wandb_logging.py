@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 if TYPE_CHECKING:
-    from medvit import plots
+    from medvit.evaluate import plots
 
 # Config keys whose string values are file-system paths (the CLI config and the data hparams).
 PATH_KEYS = frozenset(
@@ -176,7 +176,7 @@ class WandbTestMedia(L.Callback):
     """After ``trainer.test``, log plots of the test predictions to every wandb logger.
 
     Keys: ``test/confusion_matrix`` and ``test/confusion_matrix_normalized`` (images),
-    ``test/roc``, ``test/pr``, ``test/reliability`` (images of the :mod:`medvit.plots` figures)
+    ``test/roc``, ``test/pr``, ``test/reliability`` (images of the :mod:`medvit.evaluate.plots` figures)
     and, for single-label tasks, ``test/confusion_matrix_table`` (wandb's interactive confusion
     matrix). When a logger has ``log_predictions`` set, also ``test/misclassified``: a table
     with columns split, index, thumbnail, label, prediction, probabilities. Runs on global
@@ -203,7 +203,7 @@ class WandbTestMedia(L.Callback):
             return
         import wandb
 
-        from medvit import plots  # matplotlib only when there is something to plot
+        from medvit.evaluate import plots  # matplotlib only when there is something to plot
 
         preds = plots.Predictions.from_module(pl_module)
         media = self.media(preds)
@@ -230,7 +230,7 @@ class WandbTestMedia(L.Callback):
         import wandb
         from PIL import Image
 
-        from medvit import plots
+        from medvit.evaluate import plots
 
         figures = {
             "test/confusion_matrix": plots.confusion_figure(preds),
@@ -253,7 +253,7 @@ class WandbTestMedia(L.Callback):
         """
         import wandb
 
-        from medvit import plots
+        from medvit.evaluate import plots
 
         def thin(x: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float]]:
             keep = np.unique(np.linspace(0, len(x) - 1, min(len(x), max_points)).round())

@@ -136,7 +136,7 @@ def build_loggers(run_dir: Path, experiment: str, wandb: WandbOptions) -> list[L
     """CSV logger writing into ``run_dir`` (always first), then wandb if enabled."""
     loggers: list[Logger] = [RunCSVLogger(run_dir)]
     if wandb.enabled:
-        from medvit.wandb_logging import MedViTWandbLogger
+        from medvit.train.wandb_logging import MedViTWandbLogger
 
         mode = resolve_wandb_mode(wandb.mode)
         if mode != "disabled":

@@ -1,0 +1,1 @@
+"""Evaluation: predictions on new inputs, fold splits and the figures of reports."""

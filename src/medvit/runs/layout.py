@@ -1,0 +1,323 @@
+"""Run- and CV-folder file names and their JSON, YAML and CSV readers and writers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from medvit.fileio import atomic_write, atomic_write_text
+
+__all__ = [
+    "CONFIG_FILE",
+    "HPARAMS_FILE",
+    "METRICS_CSV",
+    "METRICS_FILE",
+    "META_FILE",
+    "PREDICTIONS_FILE",
+    "CHECKPOINT_DIR",
+    "LAST_CHECKPOINT",
+    "RUN_MARKERS",
+    "CV_CONFIG",
+    "FOLDS_FILE",
+    "SUMMARY_JSON",
+    "SUMMARY_CSV",
+    "ENSEMBLE_FILE",
+    "LOCK_FILE",
+    "CV_RUNS_DIR",
+    "CV_LOGS_DIR",
+    "experiment_name",
+    "new_run_dir",
+    "last_checkpoint",
+    "run_dir_of_checkpoint",
+    "fold_name",
+    "fold_run_dir",
+    "fold_log",
+    "one_line",
+    "write_json",
+    "read_json",
+    "read_yaml",
+    "read_metrics",
+    "write_metrics",
+    "read_meta",
+    "write_meta",
+    "is_finished",
+    "folds_csv_text",
+    "write_folds",
+    "read_folds",
+    "read_cv_config",
+    "write_cv_config",
+    "write_cv_summary",
+    "read_cv_summary",
+]
+
+# ------------------------------------------------------------------------------ file names
+CONFIG_FILE = "config.yaml"
+HPARAMS_FILE = "hparams.yaml"
+METRICS_CSV = "metrics.csv"
+METRICS_FILE = "metrics.json"
+META_FILE = "meta.json"
+PREDICTIONS_FILE = "test_predictions.npz"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+RUN_MARKERS = (METRICS_FILE, CONFIG_FILE)  # a folder with either is a run folder
+
+CV_CONFIG = "cv_config.json"
+FOLDS_FILE = "folds.csv"
+SUMMARY_JSON = "cv_summary.json"
+SUMMARY_CSV = "cv_summary.csv"
+ENSEMBLE_FILE = "ensemble_test_predictions.npz"
+LOCK_FILE = "cv.lock"
+CV_RUNS_DIR = "runs"
+CV_LOGS_DIR = "logs"
+
+
+# ------------------------------------------------------------------------------ run names
+def experiment_name(run_name: str | None, flag: str, size: int) -> str:
+    """``--run.name``, else the dataset flag with its size (``breastmnist`` or ``pathmnist_224``)."""
+    if run_name:
+        return run_name
+    return flag if size == 28 else f"{flag}_{size}"
+
+
+def new_run_dir(root: str | os.PathLike, name: str, suffix: str = "") -> Path:
+    """A fresh ``{root}/{name}/{timestamp}{suffix}`` folder name (not created here)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / name / f"{stamp}{suffix}"
+    path, n = base, 1
+    while path.exists():
+        path = base.with_name(f"{base.name}-{n}")
+        n += 1
+    return path
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """``{run_dir}/checkpoints/last.ckpt`` (it may not exist yet)."""
+    return run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def run_dir_of_checkpoint(path: Path) -> Path | None:
+    """The run folder holding ``<run>/checkpoints/x.ckpt``, or None for a checkpoint elsewhere."""
+    run_dir = path.parent.parent
+    if path.parent.name == CHECKPOINT_DIR and (run_dir / CONFIG_FILE).is_file():
+        return run_dir
+    return None
+
+
+def fold_name(repeat: int, fold: int) -> str:
+    """The name of one CV run: ``r{repeat}-f{fold}``."""
+    return f"r{repeat}-f{fold}"
+
+
+def fold_run_dir(cv_dir: Path, name: str) -> Path:
+    """The run folder of CV run ``name`` (``runs/r0-f1``)."""
+    return cv_dir / CV_RUNS_DIR / name
+
+
+def fold_log(cv_dir: Path, name: str) -> Path:
+    """The log of CV run ``name`` (``logs/r0-f1.log``)."""
+    return cv_dir / CV_LOGS_DIR / f"{name}.log"
+
+
+# ------------------------------------------------------------------------------ JSON, YAML
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON atomically, so a report never reads a half-written file."""
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object; ``{}`` when the file is absent; a ValueError naming a broken file."""
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {one_line(err)}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected an object.")
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping; ``{}`` when the file is absent or not a mapping."""
+    if not path.is_file():
+        return {}
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid YAML: {one_line(err)}") from err
+    return data if isinstance(data, dict) else {}
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """A run folder's ``metrics.json`` (``{}`` when absent)."""
+    return read_json(run_dir / METRICS_FILE)
+
+
+def write_metrics(run_dir: Path, metrics: Mapping[str, Any]) -> None:
+    """Replace a run folder's ``metrics.json``."""
+    write_json(run_dir / METRICS_FILE, metrics)
+
+
+def read_meta(run_dir: Path) -> dict[str, Any]:
+    """A run folder's ``meta.json`` (``{}`` when absent)."""
+    return read_json(run_dir / META_FILE)
+
+
+def write_meta(run_dir: Path, meta: Mapping[str, Any]) -> None:
+    """Replace a run folder's ``meta.json``."""
+    write_json(run_dir / META_FILE, meta)
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished once its ``metrics.json`` has test metrics (an unreadable one is not)."""
+    try:
+        return bool(read_metrics(run_dir).get("test"))
+    except (OSError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------------ folds.csv
+def folds_csv_text(
+    split: np.ndarray,
+    index: np.ndarray,
+    labels: np.ndarray,
+    folds: np.ndarray,
+    groups: np.ndarray | None = None,
+) -> str:
+    """``folds.csv`` content: one row per (repeat, pool sample), labels (and group) for audit.
+
+    Args:
+        split: (N,) official split of each pool sample (``train`` or ``val``).
+        index: (N,) index within that split.
+        labels: (N,) class indices or (N, L) multi-label 0/1 labels.
+        folds: (R, N) validation fold of each sample, per repeat.
+        groups: (N,) group ids (patients), when the folds are grouped.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    flat = labels.reshape(len(labels), -1)  # (N, 1) or (N, L)
+    label_cols = ["label"] if labels.ndim == 1 else [f"label_{i}" for i in range(flat.shape[1])]
+    header = ["split", "index", "repeat", "fold", *label_cols]
+    writer.writerow([*header, *(["group"] if groups is not None else [])])
+    rows = flat.tolist()
+    for r, fold_of in enumerate(folds.tolist()):
+        for i, (s, idx) in enumerate(zip(split.tolist(), index.tolist(), strict=True)):
+            extra = [groups[i]] if groups is not None else []
+            writer.writerow([s, idx, r, fold_of[i], *rows[i], *extra])
+    return buf.getvalue()
+
+
+def write_folds(path: Path, text: str) -> None:
+    """Write ``folds.csv`` text (from :func:`folds_csv_text`) atomically."""
+    atomic_write_text(path, text)
+
+
+def read_folds(path: str | os.PathLike, repeat: int = 0) -> dict[str, np.ndarray]:
+    """Rows of a ``folds.csv`` (columns ``split,index,repeat,fold``) for one repeat."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"folds file {path} does not exist.")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        need = {"split", "index", "repeat", "fold"}
+        if not need <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path} needs the columns {sorted(need)}, has {reader.fieldnames}.")
+        rows = [r for r in reader if int(r["repeat"]) == repeat]
+    if not rows:
+        raise ValueError(f"{path} has no rows for repeat {repeat}.")
+    return {
+        "split": np.array([r["split"] for r in rows]),
+        "index": np.array([int(r["index"]) for r in rows], dtype=np.int64),
+        "fold": np.array([int(r["fold"]) for r in rows], dtype=np.int64),
+    }
+
+
+# ------------------------------------------------------------------------------ CV files
+def read_cv_config(cv_dir: Path) -> dict[str, Any]:
+    """``cv_config.json`` (``{}`` when absent)."""
+    return read_json(cv_dir / CV_CONFIG)
+
+
+def write_cv_config(cv_dir: Path, config: Mapping[str, Any]) -> None:
+    """Replace ``cv_config.json``."""
+    write_json(cv_dir / CV_CONFIG, config)
+
+
+_NO_STATS = {"mean": None, "std": None, "ci95_low": None, "ci95_high": None, "n": 0}
+
+
+def _summary_columns(summary: Mapping[str, Any]) -> list[str]:
+    test = set(summary["test"]) | set((summary["ensemble"] or {}).get("test", {}))
+    return [f"val/{m}" for m in summary["val"]] + [f"test/{m}" for m in sorted(test)]
+
+
+def write_cv_summary(cv_dir: Path, summary: Mapping[str, Any]) -> None:
+    """Write ``cv_summary.json`` and its table ``cv_summary.csv``.
+
+    The schema: ``runs`` (one entry per finished run: ``run``, ``repeat``, ``fold``,
+    ``run_dir``, ``val``, ``test``, ...), ``missing`` (``run``, ``repeat``, ``fold``,
+    ``reason``, ``log``), ``val`` and ``test`` (metric -> ``mean``, ``std``, ``ci95_low``,
+    ``ci95_high``, ``n``), ``ensemble`` (``n_models``, ``models``, ``predictions``, ``test``;
+    or null), ``runs_expected``, ``runs_completed``, ``complete`` and ``ci_method``.
+    """
+    write_json(cv_dir / SUMMARY_JSON, summary)
+    columns = _summary_columns(summary)
+    rows = []
+    for r in summary["runs"]:
+        values = {f"{s}/{m}": v for s in ("val", "test") for m, v in r[s].items()}
+        rows.append(
+            {"run": r["run"], "repeat": r["repeat"], "fold": r["fold"], "status": "ok", **values}
+        )
+    for m in summary["missing"]:
+        rows.append(
+            {"run": m["run"], "repeat": m["repeat"], "fold": m["fold"], "status": m["reason"]}
+        )
+    for stat in ("mean", "std", "ci95_low", "ci95_high"):
+        row = {"run": stat, "status": f"n={summary['runs_completed']}"}
+        for col in columns:
+            stage, metric = col.split("/", 1)
+            row[col] = summary[stage].get(metric, _NO_STATS)[stat]
+        rows.append(row)
+    if summary["ensemble"]:
+        ens = summary["ensemble"]
+        row = {"run": "ensemble", "status": f"n_models={ens['n_models']}"}
+        row.update({f"test/{m}": v for m, v in ens["test"].items()})
+        rows.append(row)
+    with atomic_write(cv_dir / SUMMARY_CSV, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["run", "repeat", "fold", "status", *columns], restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+def read_cv_summary(cv_dir: Path) -> dict[str, Any]:
+    """``cv_summary.json`` with every key of the schema present (see :func:`write_cv_summary`)."""
+    summary = read_json(cv_dir / SUMMARY_JSON)
+    for key in ("runs", "missing"):
+        summary[key] = list(summary.get(key) or [])
+    for key in ("val", "test"):
+        summary[key] = dict(summary.get(key) or {})
+    summary["ensemble"] = summary.get("ensemble") or None
+    summary.setdefault("runs_completed", len(summary["runs"]))
+    summary.setdefault("runs_expected", len(summary["runs"]) + len(summary["missing"]))
+    return summary

@@ -1,0 +1,1 @@
+"""Training: the LightningCLI, run-folder callbacks, loggers and the progress bar."""
