@@ -530,7 +530,7 @@ def _raised_by_medvit(err: BaseException) -> bool:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # src/medvit
     return package in Path(tb.tb_frame.f_code.co_filename).resolve().parents
 
 
