@@ -45,7 +45,7 @@ from medvit import cv
 from medvit.data.files import DataFileError, release_caches
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.fileio import atomic_write, atomic_write_text
-from medvit.train.callbacks import write_json
+from medvit.runs import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,7 +165,8 @@ def test_report_html_survives_a_full_disk(tmp_path, monkeypatch):
 def test_predictions_npz_survives_a_full_disk(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from medvit.train.callbacks import PREDICTIONS_FILE, RunRecorder
+    from medvit.runs import PREDICTIONS_FILE
+    from medvit.train.callbacks import RunRecorder
 
     path = tmp_path / PREDICTIONS_FILE
     path.write_bytes(b"old predictions")

@@ -15,51 +15,17 @@ import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from medvit.runs import Run
 
-__all__ = ["RunFolder", "cli_args", "fit"]
+__all__ = ["Run", "RunFolder", "cli_args", "fit"]
 
 
-@dataclass(frozen=True)
-class RunFolder:
-    """A run folder written by ``medvit fit`` (or :func:`fit`), read lazily."""
-
-    path: Path
-
-    def _json(self, name: str) -> dict[str, Any]:
-        file = self.path / name
-        return json.loads(file.read_text()) if file.is_file() else {}
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        """``metrics.json``: best-epoch validation and test metrics, checkpoints, positive class."""
-        return self._json("metrics.json")
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """``meta.json``: git SHA, command, device, timings."""
-        return self._json("meta.json")
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """The resolved ``config.yaml``."""
-        return yaml.safe_load((self.path / "config.yaml").read_text())
-
-    @property
-    def best_checkpoint(self) -> Path | None:
-        """The checkpoint with the best validation AUROC, if the fit wrote one."""
-        name = self.metrics.get("best_checkpoint")
-        return self.path / name if name else None
-
-    def predictions(self) -> Any:
-        """The test predictions as :class:`medvit.evaluate.plots.Predictions`."""
-        from medvit.evaluate.plots import Predictions
-
-        return Predictions.load(self.path / "test_predictions.npz")
+#: The run folder :func:`fit` returns: :class:`medvit.runs.Run` (``.metrics``, ``.meta``,
+#: ``.config``, ``.best_checkpoint``, ``.predictions()``...), under the name notebooks use.
+RunFolder = Run
 
 
 def _value(value: Any) -> str:
@@ -96,7 +62,7 @@ def fit(
     config: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     overrides: Mapping[str, Any] | None = None,
     **kwargs: Any,
-) -> RunFolder:
+) -> Run:
     """Train (and test the best checkpoint) exactly as ``medvit fit`` does; return its folder.
 
     Args:
@@ -105,14 +71,14 @@ def fit(
         **kwargs: the same with ``__`` for the dots: ``trainer__max_epochs=2``.
 
     Returns:
-        The run folder, e.g. ``RunFolder(path=runs/breastmnist/20261130-101500)``.
+        The run folder, e.g. ``Run('runs/breastmnist/20261130-101500')``, read lazily.
     """
-    from medvit.cli import MedViTCLI
     from medvit.quiet import silence_known_noise
+    from medvit.train.cli import MedViTCLI
 
     silence_known_noise()
     with warnings.catch_warnings():
         # Passing args while sys.argv holds the notebook kernel's own is exactly the intent here.
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
         cli = MedViTCLI(args=cli_args(config, overrides, **kwargs))
-    return RunFolder(Path(cli.run_dir))
+    return Run(Path(cli.run_dir))

@@ -44,7 +44,7 @@ import yaml
 
 from medvit.evaluate.splits import make_repeated_folds
 from medvit.fileio import atomic_write, atomic_write_text
-from medvit.train.callbacks import METRICS_FILE, PREDICTIONS_FILE, write_json
+from medvit.runs import METRICS_FILE, PREDICTIONS_FILE, write_json
 
 POOLS = ("train+val", "train")
 CV_CONFIG = "cv_config.json"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -14,16 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import BaseFinetuning
 
-from medvit.fileio import atomic_write, atomic_write_text
-
-METRICS_FILE = "metrics.json"
-META_FILE = "meta.json"
-PREDICTIONS_FILE = "test_predictions.npz"
+from medvit import runs
+from medvit.fileio import atomic_write
 
 
 def git_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -61,19 +56,6 @@ def _positive_class(pl_module: L.LightningModule) -> dict[str, Any]:
     index = hp.get("positive_class", 1)
     names = hp.get("class_names") or ["0", "1"]
     return {"positive_class": names[index]}
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically, so a report never reads a half-written file."""
-    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -148,12 +130,8 @@ class RunRecorder(L.Callback):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._update_meta(trainer, stage=stage, started=True)
 
-    def _read(self, name: str) -> dict[str, Any]:
-        path = self.run_dir / name
-        return json.loads(path.read_text()) if path.is_file() else {}
-
     def _update_meta(self, trainer: L.Trainer, stage: str, started: bool = False) -> None:
-        meta = self._read(META_FILE)
+        meta = runs.read_meta(self.run_dir)
         if started and "started" not in meta:
             meta.update(
                 {
@@ -188,7 +166,7 @@ class RunRecorder(L.Callback):
             meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             meta["duration_s"] = round(meta.get("duration_s", 0.0) + time.time() - self._t0, 1)
             self._t0 = time.time()
-        write_json(self.run_dir / META_FILE, meta)
+        runs.write_meta(self.run_dir, meta)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -202,49 +180,50 @@ class RunRecorder(L.Callback):
         )
         if trainer.state.fn == "validate" or better:
             self._best = value
-            metrics = self._read(METRICS_FILE)
+            metrics = runs.read_metrics(self.run_dir)
             metrics["val"] = _scalars(trainer.callback_metrics, "val/")
             metrics["val"].pop("auroc_best", None)
             metrics["best_epoch"] = trainer.current_epoch
             metrics["monitor"] = self.monitor
             metrics.update(_positive_class(pl_module))
-            write_json(self.run_dir / METRICS_FILE, metrics)
+            runs.write_metrics(self.run_dir, metrics)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = self._read(METRICS_FILE)
+        metrics = runs.read_metrics(self.run_dir)
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and ckpt.best_model_path:
             metrics["best_checkpoint"] = os.path.relpath(ckpt.best_model_path, self.run_dir)
         metrics["epochs_trained"] = trainer.current_epoch
-        write_json(self.run_dir / METRICS_FILE, metrics)
+        runs.write_metrics(self.run_dir, metrics)
         self._update_meta(trainer, stage="fit")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = self._read(METRICS_FILE)
+        metrics = runs.read_metrics(self.run_dir)
         metrics["test"] = _scalars(trainer.callback_metrics, "test/")
         ckpt = trainer.ckpt_path
         if ckpt and Path(ckpt).resolve().is_relative_to(self.run_dir.resolve()):
             ckpt = os.path.relpath(ckpt, self.run_dir)
         metrics["test_checkpoint"] = ckpt
         metrics.update(_positive_class(pl_module))
-        write_json(self.run_dir / METRICS_FILE, metrics)
+        runs.write_metrics(self.run_dir, metrics)
         preds = getattr(pl_module, "test_predictions", None)
         if preds is not None:
             names = pl_module.hparams.get("class_names") or [
                 str(i) for i in range(preds["probs"].shape[1])
             ]
-            with atomic_write(self.run_dir / PREDICTIONS_FILE, "wb") as fh:
-                np.savez(
-                    fh,
-                    class_names=np.array(names),
-                    task=np.array(pl_module.hparams.get("task", "")),
-                    positive_class=np.array(pl_module.hparams.get("positive_class", 1)),
-                    **preds,
-                )
+            runs.write_predictions(
+                self.run_dir / runs.PREDICTIONS_FILE,
+                probs=preds["probs"],
+                target=preds["target"],
+                index=preds["index"],
+                class_names=names,
+                task=pl_module.hparams.get("task", ""),
+                positive_class=pl_module.hparams.get("positive_class", 1),
+            )
         self._update_meta(trainer, stage="test")
 
 

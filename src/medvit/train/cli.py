@@ -14,11 +14,12 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from medvit import runs
 from medvit.data.files import DataFileError
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.models.checkpoint import CheckpointError, is_local_file_path, load_checkpoint
 from medvit.models.module import ViTClassifier
-from medvit.train.callbacks import METRICS_FILE, RunRecorder
+from medvit.train.callbacks import RunRecorder
 from medvit.train.progress import DEFAULT_REFRESH_RATE, LossProgressBar
 from medvit.train.tracking import WandbOptions, build_loggers
 from medvit.train.wandb_logging import WandbTestMedia
@@ -454,7 +455,7 @@ class MedViTCLI(LightningCLI):
         run_dir = Path(self.trainer.log_dir)
         if not self.trainer.is_global_zero:
             return
-        path = run_dir / METRICS_FILE
+        path = run_dir / runs.METRICS_FILE
         if path.is_file():
             metrics = json.loads(path.read_text())
             for stage in ("val", "test"):

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
-import yaml
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from medvit import runs
 
 if TYPE_CHECKING:
     from medvit.evaluate import plots
@@ -121,18 +122,10 @@ class MedViTWandbLogger(WandbLogger):
             checkpoint_callback.last_model_path = last
 
     def _resolved_config(self) -> dict[str, Any]:
-        path = Path(self.save_dir or ".") / "config.yaml"
-        if not path.is_file():
-            return {}
-        with open(path) as fh:
-            config = yaml.safe_load(fh)
-        return config if isinstance(config, dict) else {}
+        return runs.read_yaml(Path(self.save_dir or ".") / runs.CONFIG_FILE)
 
     def _meta(self) -> dict[str, Any]:
-        path = Path(self.save_dir or ".") / "meta.json"
-        if not path.is_file():
-            return {}
-        meta = json.loads(path.read_text())
+        meta = runs.read_meta(Path(self.save_dir or "."))
         return {k: meta[k] for k in META_KEYS if k in meta}
 
     @rank_zero_only
