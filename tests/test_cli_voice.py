@@ -3,6 +3,7 @@ checkpoints refused on other data (unless ``--force``), and no wandb anonymous-m
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -204,3 +205,79 @@ def test_parse_only_accepts_force():
 
     assert ParseOnly(args=[], run=False).config.force is False
     assert ParseOnly(args=["--force=true"], run=False).config.force is True
+
+
+# ------------------------------------------------------------------------------ front door
+def test_the_static_command_table_is_what_main_dispatches():
+    import importlib
+
+    from medvit import cli
+
+    # The front door lists the LightningCLI's commands without importing it: keep them equal.
+    assert tuple(MedViTCLI.subcommands()) == cli.TRAIN_COMMANDS
+    assert cli.commands() == [*MedViTCLI.subcommands(), *EXTRA_COMMANDS]
+    assert set(cli.COMMAND_HELP) == set(cli.commands())
+    for command, target in EXTRA_COMMANDS.items():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), command
+
+
+HEAVY = ("torch", "lightning", "timm", "monai", "albumentations")
+
+
+def _loaded_heavy_modules(args: list[str], tmp_path) -> list[str]:
+    """Run ``medvit ARGS`` in a fresh interpreter; the heavy packages it imported."""
+    out = tmp_path / "loaded.json"
+    code = (
+        "import json, sys\n"
+        "from medvit.cli import main\n"
+        "try:\n"
+        f"    main({args!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
+        f"open({str(out)!r}, 'w').write(json.dumps(heavy))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 0 and out.is_file(), proc.stderr
+    return json.loads(out.read_text())
+
+
+def _small_run_folder(path):
+    """A finished binary run folder as ``medvit fit`` writes it (no training needed)."""
+    from medvit import runs
+
+    path.mkdir(parents=True)
+    (path / runs.CONFIG_FILE).write_text("data:\n  flag: breastmnist\n  size: 28\n")
+    runs.write_metrics(path, {"val": {"auroc": 0.8}, "test": {"auroc": 0.75}})
+    runs.write_meta(path, {"command": ["medvit", "fit"], "duration_s": 1.0})
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([1, 1], size=20)
+    runs.write_predictions(
+        path / runs.PREDICTIONS_FILE,
+        probs=probs,
+        target=np.arange(20) % 2,
+        index=np.arange(20),
+        class_names=["malignant", "normal, benign"],
+        task="binary",
+        positive_class=0,
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["cv", "--help"], ["report", "RUN"], ["report", "MISSING"]],
+    ids=["help", "cv-help", "report", "report-missing-folder"],
+)
+def test_light_commands_do_not_import_torch_and_co(args, tmp_path):
+    run = tmp_path / "run"
+    if "RUN" in args:
+        args = ["report", str(_small_run_folder(run)), "--no-progress"]
+    if "MISSING" in args:
+        args = ["report", str(tmp_path / "no_such_run")]
+    assert _loaded_heavy_modules(args, tmp_path) == []
+    if run.is_dir():
+        assert (run / "report.html").is_file()  # the whole report was written

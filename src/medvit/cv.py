@@ -36,7 +36,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -199,15 +198,10 @@ def config_fingerprint(config: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 def experiment_of(config: dict[str, Any]) -> str:
     """Experiment name of a resolved fit config, as ``medvit fit`` names it."""
-    from medvit.cli import experiment_name
+    from medvit.runs import experiment_name
 
     run, data = config.get("run") or {}, config["data"]
-    return experiment_name(
-        SimpleNamespace(
-            run=SimpleNamespace(name=run.get("name")),
-            data=SimpleNamespace(flag=data["flag"], size=data["size"]),
-        )
-    )
+    return experiment_name(run.get("name"), data["flag"], data["size"])
 
 
 def _check_fit_config(config: dict[str, Any]) -> None:

@@ -232,7 +232,7 @@ def check_inputs_fit_checkpoint(
     Raises:
         ValueError: on a mismatch (``--force`` skips this check).
     """
-    from medvit.cli import describe_training_data
+    from medvit.train.cli import describe_training_data
 
     flag = data_hp.get("flag")
     trained = describe_training_data(

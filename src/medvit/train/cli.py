@@ -1,12 +1,13 @@
-"""The ``medvit`` command: LightningCLI for fit/validate/test, plus predict, cv and report."""
+"""``medvit fit|validate|test``: the LightningCLI, its run folder, and checkpoint checks.
+
+The ``medvit`` command itself (help, dispatch, one-line errors) is :mod:`medvit.cli`, which
+imports this module only for these three commands.
+"""
 
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,6 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from lightning.pytorch.cli import LightningCLI
 
 from medvit import runs
-from medvit.data.files import DataFileError
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.models.checkpoint import CheckpointError, is_local_file_path, load_checkpoint
 from medvit.models.module import ViTClassifier
@@ -25,39 +25,6 @@ from medvit.train.tracking import WandbOptions, build_loggers
 from medvit.train.wandb_logging import WandbTestMedia
 
 RUN_DIR_ENV = "MEDVIT_RUN_DIR"
-EXTRA_COMMANDS = ("predict", "cv", "report", "cache")
-#: Set to 1 to see the traceback of a user error instead of its one line.
-DEBUG_ENV = "MEDVIT_DEBUG"
-#: One line per command for ``medvit --help`` (a command missing here still gets listed).
-COMMAND_HELP = {
-    "fit": "train a model, test its best checkpoint, write a run folder",
-    "validate": "evaluate a checkpoint on the validation split (--ckpt_path)",
-    "test": "evaluate a checkpoint on the test split (--ckpt_path)",
-    "predict": "class probabilities of image files, folders or an npz split, as CSV",
-    "cv": "k-fold cross-validation of fit (one fit per fold, ensemble on test)",
-    "report": "summarise run folders (or a folder of them) as a Markdown report",
-    "cache": "list the unpacked-data caches, or delete stale ones (--prune)",
-}
-#: Option prefixes ``--help-short`` keeps: medvit's own groups and the essential Lightning ones.
-SHORT_HELP_OPTIONS = (
-    "-c",
-    "--config",
-    "--model.",
-    "--data.",
-    "--run.",
-    "--wandb.",
-    "--progress_bar.",
-    "--ckpt_path",
-    "--force",
-    "--seed_everything",
-    "--trainer.max_epochs",
-    "--trainer.accelerator",
-    "--trainer.devices",
-    "--trainer.precision",
-    "--checkpoint.monitor",
-    "--checkpoint.mode",
-    "--checkpoint.save_top_k",
-)
 
 
 def describe_training_data(
@@ -106,34 +73,11 @@ def checkpoint_data_mismatch(
     )
 
 
-def experiment_name(config: Any) -> str:
-    """``--run.name``, else the dataset flag with its size (``breastmnist`` or ``pathmnist_224``)."""
-    if config.run.name:
-        return config.run.name
-    flag, size = config.data.flag, config.data.size
-    return flag if size == 28 else f"{flag}_{size}"
-
-
-def new_run_dir(root: str | os.PathLike, name: str, suffix: str = "") -> Path:
-    """A fresh ``{root}/{name}/{timestamp}{suffix}`` folder name (not created here)."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(root) / name / f"{stamp}{suffix}"
-    path, n = base, 1
-    while path.exists():
-        path = base.with_name(f"{base.name}-{n}")
-        n += 1
-    return path
-
-
 def _run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
     """The run folder of ``<run>/checkpoints/x.ckpt`` (resolved), so a resumed fit continues in place."""
     if not ckpt_path or not is_local_file_path(ckpt_path):
         return None
-    path = Path(ckpt_path).expanduser().resolve()
-    run_dir = path.parent.parent
-    if path.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
-        return run_dir
-    return None
+    return runs.run_dir_of_checkpoint(Path(ckpt_path).expanduser().resolve())
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -215,7 +159,9 @@ class MedViTCLI(LightningCLI):
     """``medvit fit|validate|test``: the data config decides the model's classes, channels, size and task."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("save_config_kwargs", {"overwrite": False})
+        kwargs.setdefault(
+            "save_config_kwargs", {"overwrite": False, "config_filename": runs.CONFIG_FILE}
+        )
         kwargs.setdefault("seed_everything_default", 42)
         kwargs.setdefault(
             "trainer_defaults",
@@ -380,7 +326,7 @@ class MedViTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = self._subconfig()
-        name = experiment_name(config)
+        name = runs.experiment_name(config.run.name, config.data.flag, config.data.size)
         resumed = (
             _run_dir_of_checkpoint(config.get("ckpt_path")) if self.subcommand == "fit" else None
         )
@@ -404,13 +350,13 @@ class MedViTCLI(LightningCLI):
             run_dir = Path(os.environ[RUN_DIR_ENV])
         else:
             suffix = "" if self.subcommand in (None, "fit") else f"-{self.subcommand}"
-            run_dir = new_run_dir(Path(config.run.root).expanduser().resolve(), name, suffix)
+            run_dir = runs.new_run_dir(Path(config.run.root).expanduser().resolve(), name, suffix)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
         if (
             self.subcommand == "fit"
             and config.get("ckpt_path")
-            and (run_dir / "config.yaml").exists()
+            and (run_dir / runs.CONFIG_FILE).exists()
         ):
             # Resuming in place: the saved config is replaced by the resumed run's.
             self.save_config_kwargs["overwrite"] = True
@@ -455,142 +401,10 @@ class MedViTCLI(LightningCLI):
         run_dir = Path(self.trainer.log_dir)
         if not self.trainer.is_global_zero:
             return
-        path = run_dir / runs.METRICS_FILE
-        if path.is_file():
-            metrics = json.loads(path.read_text())
+        metrics = runs.read_metrics(run_dir)
+        if metrics:
             for stage in ("val", "test"):
                 if stage in metrics:
                     values = "  ".join(f"{k}={v:.4f}" for k, v in metrics[stage].items())
                     print(f"{stage} metrics: {values}")
         print(f"Run directory: {run_dir}")
-
-
-def commands() -> list[str]:
-    """Every ``medvit`` command: LightningCLI's subcommands, then medvit's own."""
-    return [*MedViTCLI.subcommands(), *EXTRA_COMMANDS]
-
-
-def main_help() -> str:
-    """``medvit --help``: every command with one line, and where to find their options."""
-    names = commands()
-    width = max(map(len, names)) + 2
-    lines = [
-        f"usage: medvit {{{','.join(names)}}} ...",
-        "",
-        "Train ViTs on medical images (MedMNIST) and evaluate them.",
-        "",
-        "commands:",
-        *(f"  {n:<{width}}{COMMAND_HELP.get(n, '')}".rstrip() for n in names),
-        "",
-        "Options of a command: medvit COMMAND --help. medvit's own options only (model, data,",
-        "run, wandb, essentials): medvit fit --help-short (also validate, test).",
-        f"Errors are one line; {DEBUG_ENV}=1 shows their traceback.",
-    ]
-    return "\n".join(lines)
-
-
-def short_help(subcommand: str) -> str:
-    """``medvit SUBCOMMAND --help-short``: the full help filtered to ``SHORT_HELP_OPTIONS``.
-
-    The full help lists all of Lightning's Trainer and ModelCheckpoint options first (~900
-    lines); this keeps medvit's own groups and a few essential Lightning options, in order.
-    """
-    import contextlib
-    import io
-
-    buffer = io.StringIO()
-    argv, sys.argv = sys.argv, sys.argv[:1]  # args= alone, without Lightning's warning
-    try:
-        with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
-            MedViTCLI(args=[subcommand, "--help"])
-    finally:
-        sys.argv = argv
-    out = [f"usage: medvit {subcommand} [options]  (all options: medvit {subcommand} --help)"]
-    header: str | None = None
-    keep = False
-    for line in buffer.getvalue().splitlines():
-        if line and not line.startswith(" "):
-            header, keep = line, False  # a group's title; printed with its first kept option
-        elif line.startswith("  -"):
-            option = line.split()[0].rstrip(",")
-            keep = option.startswith(SHORT_HELP_OPTIONS) and not option.endswith(".help")
-            if keep and header is not None:
-                out += ["", header]
-                header = None
-            if keep:
-                out.append(line)
-        elif line.startswith("    ") and keep:
-            out.append(line)  # the kept option's description continues
-    return "\n".join(out)
-
-
-def _raised_by_medvit(err: BaseException) -> bool:
-    """True when ``err`` was raised by medvit's own code (its argument and data checks)."""
-    tb = err.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    package = Path(__file__).resolve().parents[1]  # src/medvit
-    return package in Path(tb.tb_frame.f_code.co_filename).resolve().parents
-
-
-def is_user_error(err: BaseException) -> bool:
-    """Whether ``err`` is a user's mistake (one line) rather than a bug (traceback).
-
-    A user's mistake is a data or checkpoint file problem, or a ValueError/FileNotFoundError
-    that medvit's own validation raised (e.g. a 3D flag, an unknown positive class). The same
-    types raised inside torch, numpy or Lightning may be bugs and keep their traceback.
-    """
-    if isinstance(err, (DataFileError, CheckpointError)):
-        return True
-    return isinstance(err, (ValueError, FileNotFoundError)) and _raised_by_medvit(err)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``medvit`` console script."""
-    from medvit.quiet import silence_known_noise
-
-    silence_known_noise()
-    words = list(sys.argv[1:] if argv is None else argv)
-    if not words or words[0] in ("-h", "--help"):
-        print(main_help(), file=sys.stdout if words else sys.stderr)
-        if not words:
-            raise SystemExit(2)
-        return
-    if "--help-short" in words and words[0] in MedViTCLI.subcommands():
-        print(short_help(words[0]))
-        return
-    if words[0] in EXTRA_COMMANDS:
-        command, rest = words[0], words[1:]
-        if command == "predict":
-            from medvit.evaluate.predict import main as predict_main
-
-            predict_main(rest)
-        elif command == "cv":
-            from medvit.cv import main as cv_main
-
-            cv_main(rest)
-        elif command == "cache":
-            from medvit.data.files import cache_main
-
-            cache_main(rest)
-        else:
-            from medvit.report import main as report_main
-
-            report_main(rest)
-        return
-    try:
-        # args=None lets LightningCLI read sys.argv itself (passing both only earns a warning).
-        MedViTCLI(args=argv)
-    except (ValueError, FileNotFoundError) as err:
-        # A user's mistake (missing data, a 3D flag, a checkpoint of other data) is one line;
-        # a bug keeps its traceback, and MEDVIT_DEBUG=1 shows it for user errors too.
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0") or not is_user_error(err):
-            raise
-        print(f"medvit: error: {' '.join(str(err).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()
