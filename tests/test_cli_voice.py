@@ -125,6 +125,20 @@ def test_help_short_shows_medvits_own_options(capsys):
     assert out.count("\n") < 400
 
 
+def test_fixed_choices_are_listed_and_checked_by_the_parser(capsys):
+    main(["fit", "--help-short"])
+    out = capsys.readouterr().out
+    assert "--model.pos_embed {auto,learn,sincos}" in out
+    assert "--wandb.mode {auto,offline,online,disabled}" in out
+    assert "Literal['balanced']" in " ".join(out.split())  # class_weights
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--wandb.mode=sometimes"])
+    assert exit_info.value.code == 2
+    assert "Expected a typing.Literal['auto', 'offline', 'online', 'disabled']" in (
+        capsys.readouterr().err
+    )
+
+
 # ------------------------------------------------------------------------------ user errors
 @pytest.mark.parametrize(
     ("args", "message"),

@@ -96,7 +96,7 @@ class ViTClassifier(L.LightningModule):
         warmup_epochs: float = 2.0,
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.1,
-        class_weights: str | list[float] | None = None,
+        class_weights: Literal["balanced"] | list[float] | None = None,
         fused_optimizer: bool | None = None,
         compile: bool = False,
     ) -> None:

@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import timm
 import torch
@@ -34,7 +34,9 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-POS_EMBEDS = ("learn", "sincos")
+#: How the position embedding is made (``create_vit(pos_embed=...)``).
+PosEmbed = Literal["learn", "sincos"]
+POS_EMBEDS: tuple[str, ...] = get_args(PosEmbed)
 
 
 def sincos_2d_pos_embed(
@@ -96,7 +98,7 @@ def create_vit(
     in_chans: int = 3,
     img_size: int = 224,
     patch_size: int | None = None,
-    pos_embed: str = "learn",
+    pos_embed: PosEmbed = "learn",
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
     pretrained: bool | str | os.PathLike[str] = False,

@@ -10,7 +10,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -104,8 +104,11 @@ class RunRecorder(L.Callback):
     """
 
     def __init__(
-        self, monitor: str = "val/auroc", mode: str = "max", command: list[str] | None = None
-    ):
+        self,
+        monitor: str = "val/auroc",
+        mode: Literal["max", "min"] = "max",
+        command: list[str] | None = None,
+    ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got '{mode}'.")
         self.monitor, self.mode = monitor, mode

@@ -8,6 +8,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -16,7 +17,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from medvit.fileio import atomic_write, atomic_write_text
 
-WANDB_MODES = ("auto", "offline", "online", "disabled")
+WandbMode = Literal["auto", "offline", "online", "disabled"]
+WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
 
 
 @dataclass
@@ -48,7 +50,7 @@ class WandbOptions:
     name: str | None = None
     job_type: str | None = "train"
     tags: list[str] = field(default_factory=list)
-    mode: str = "auto"
+    mode: WandbMode = "auto"
     log_model: bool = False
     log_predictions: bool = False
     log_paths: bool = False
