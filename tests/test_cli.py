@@ -239,3 +239,37 @@ def test_missing_pretrained_file_is_a_clear_error(tmp_path):
             ],
             run=False,
         )
+
+
+def test_every_third_party_import_is_declared():
+    """An import under src/ that only works because another package pulls it in breaks later."""
+    import ast
+    import re
+    import sys
+    from importlib.metadata import packages_distributions
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    declared = {norm(re.split(r"[\[<>=!~; ]", d, maxsplit=1)[0]) for d in project["dependencies"]}
+    distributions = packages_distributions()
+    missing = {}
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top == "medvit":
+                    continue
+                dists = {norm(d) for d in distributions.get(top, [top])}
+                if not dists & declared:
+                    missing.setdefault(top, path.relative_to(ROOT).as_posix())
+    assert not missing, f"imported but not in pyproject.toml's dependencies: {missing}"
