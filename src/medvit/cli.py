@@ -16,7 +16,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 #: LightningCLI's commands (``MedViTCLI.subcommands()``; a test keeps the two equal).
 TRAIN_COMMANDS = ("fit", "validate", "test")
@@ -169,6 +169,17 @@ def is_user_error(err: BaseException) -> bool:
     return isinstance(err, (ValueError, FileNotFoundError)) and _raised_by_medvit(err)
 
 
+def show_tracebacks() -> bool:
+    """``MEDVIT_DEBUG`` is set (not 0): a user error shows its traceback instead of one line."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def exit_with_user_error(err: BaseException) -> NoReturn:
+    """Print ``err`` as the one line ``medvit: error: ...`` and exit with status 2."""
+    print(f"medvit: error: {' '.join(str(err).split())}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def _run_extra(command: str, args: list[str]) -> None:
     """Import ``command``'s module (only now) and run its ``main`` on ``args``."""
     module, _, function = EXTRA_COMMANDS[command].partition(":")
@@ -200,10 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as err:
         # A user's mistake (missing data, a 3D flag, a checkpoint of other data) is one line;
         # a bug keeps its traceback, and MEDVIT_DEBUG=1 shows it for user errors too.
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0") or not is_user_error(err):
+        if show_tracebacks() or not is_user_error(err):
             raise
-        print(f"medvit: error: {' '.join(str(err).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with_user_error(err)
 
 
 if __name__ == "__main__":

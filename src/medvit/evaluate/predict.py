@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -380,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         predict(args.ckpt_path, args.inputs, args.output, args.batch_size, args.device, args.force)
     except ValueError as err:  # CheckpointError included: a user problem, not a bug
-        if os.environ.get("MEDVIT_DEBUG", "") not in ("", "0"):
+        from medvit.cli import exit_with_user_error, show_tracebacks
+
+        if show_tracebacks():
             raise
-        print(f"medvit: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with_user_error(err)
