@@ -234,6 +234,13 @@ def test_the_static_command_table_is_what_main_dispatches():
     for command, target in EXTRA_COMMANDS.items():
         module, _, function = target.partition(":")
         assert callable(getattr(importlib.import_module(module), function)), command
+    # The old address of the LightningCLI's names (medvit.cli.MedViTCLI) still answers.
+    from medvit.train import cli as train_cli
+
+    for name in cli._FORWARDED:
+        assert getattr(cli, name) is getattr(train_cli, name), name
+    with pytest.raises(AttributeError):
+        cli.no_such_name  # noqa: B018
 
 
 HEAVY = ("torch", "lightning", "timm", "monai", "albumentations")
