@@ -5,10 +5,10 @@ from __future__ import annotations
 import csv
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import numpy as np
@@ -16,9 +16,10 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from medmnist import INFO
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medvit.data.batch_transforms import BatchAugment, build_batch_transforms
+from medvit.data.dataset import MedMNISTSplit, SeededDistributedSampler
 from medvit.data.files import (
     SPLITS,
     DataFileError,
@@ -29,9 +30,12 @@ from medvit.data.files import (
     open_arrays,
     verify_md5,
 )
-from medvit.data.transforms import build_transforms, preset_for_flag
+from medvit.data.presets import Preset, preset_for_flag
+from medvit.data.transforms import Channels, build_transforms
 
-SIZES = (28, 64, 128, 224)
+#: Image sizes MedMNIST publishes each 2D set at.
+Size = Literal[28, 64, 128, 224]
+SIZES: tuple[int, ...] = get_args(Size)
 TASKS = {
     "binary-class": "binary",
     "multi-class": "multiclass",
@@ -39,7 +43,9 @@ TASKS = {
     "ordinal-regression": "ordinal",
 }
 FLAGS_2D = tuple(flag for flag in INFO if not flag.endswith("3d"))
-AUGMENT_ON = ("workers", "device")
+#: Where training augmentation runs (see ``MedMNISTDataModule``).
+AugmentOn = Literal["workers", "device"]
+AUGMENT_ON: tuple[str, ...] = get_args(AugmentOn)
 # The positive class of each binary set: the finding a clinician screens for, so sensitivity is
 # its detection rate. MedMNIST's own label order puts it at 0 for BreastMNIST (0 malignant,
 # 1 normal/benign) and at 1 for PneumoniaMNIST (0 normal, 1 pneumonia).
@@ -51,99 +57,6 @@ MIN_SPLIT_SIZE = 2
 def default_root() -> str:
     """Where MedMNIST files live unless ``--data.root`` says otherwise."""
     return os.environ.get("MEDVIT_DATA_DIR", "data")
-
-
-class MedMNISTSplit(Dataset):
-    """Images and labels of one or more (split, indices) sources of a memory-mapped MedMNIST set.
-
-    Items are ``(image, target, index)``, where ``index`` is the item's position in this dataset
-    (for an official split, its index in that split), so predictions can be matched back. With
-    ``return_seed`` (augmentation on the device) a training item also carries its augmentation
-    seed: ``(image, target, index, seed)``.
-    The arrays are opened lazily in each process: a pickled memmap would copy the whole split.
-    """
-
-    def __init__(
-        self,
-        folder: Path,
-        sources: Sequence[tuple[str, np.ndarray]],
-        transform: Any,
-        multilabel: bool,
-        return_seed: bool = False,
-    ) -> None:
-        self.folder = Path(folder)
-        self.transform = transform
-        self.multilabel = multilabel
-        self.return_seed = return_seed
-        self._split_of = np.concatenate(
-            [np.full(len(idx), SPLITS.index(split), dtype=np.int8) for split, idx in sources]
-        )
-        self._index_of = np.concatenate([np.asarray(idx, dtype=np.int64) for _, idx in sources])
-        self._arrays: dict[str, np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return len(self._index_of)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_arrays"] = None
-        return state
-
-    def _array(self, key: str) -> np.ndarray:
-        if self._arrays is None:
-            self._arrays = {
-                k: np.load(self.folder / f"{k}.npy", mmap_mode="r", allow_pickle=False)
-                for s in SPLITS
-                for k in (f"{s}_images", f"{s}_labels")
-            }
-        return self._arrays[key]
-
-    def labels(self) -> np.ndarray:
-        """All labels in dataset order, shape (N, 1) or (N, L) for multi-label."""
-        out = []
-        for split in SPLITS:
-            mask = self._split_of == SPLITS.index(split)
-            if mask.any():
-                out.append(np.asarray(self._array(f"{split}_labels")[self._index_of[mask]]))
-        return np.concatenate(out) if out else np.empty((0, 1), dtype=np.int64)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, ...]:
-        # Training samplers pass (index, augmentation seed): a sample's augmentation then depends
-        # only on (seed, epoch, index), not on the worker or rank that happens to load it.
-        i, seed = key if isinstance(key, tuple) else (key, None)
-        if self.return_seed:
-            if seed is None:
-                raise ValueError(
-                    "augmentation on the device needs the (index, seed) keys of "
-                    "SeededDistributedSampler; this dataset was indexed with a plain index."
-                )
-        elif seed is not None:
-            self.transform.set_random_state(seed)
-        split = SPLITS[self._split_of[i]]
-        j = int(self._index_of[i])
-        image = np.asarray(self._array(f"{split}_images")[j])
-        label = np.asarray(self._array(f"{split}_labels")[j])
-        if self.multilabel:
-            target = torch.from_numpy(label.astype(np.float32))
-        else:
-            target = torch.tensor(int(label.reshape(-1)[0]), dtype=torch.long)
-        if self.return_seed:
-            return self.transform(image), target, i, seed
-        return self.transform(image), target, i
-
-
-class SeededDistributedSampler(DistributedSampler):
-    """Shuffling sampler yielding ``(index, augmentation_seed)``, identical on 1 or N ranks.
-
-    With one rank it visits the same permutation as N ranks together, so a global batch holds
-    the same samples whatever the device count; each sample's augmentation seed is a function
-    of (seed, epoch, index). Together these make a DDP run reproduce a single-device run.
-    """
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in super().__iter__():
-            mixed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
-            yield index, int(mixed)
 
 
 class MedMNISTDataModule(L.LightningDataModule):
@@ -195,14 +108,14 @@ class MedMNISTDataModule(L.LightningDataModule):
     def __init__(
         self,
         flag: str = "breastmnist",
-        size: int = 28,
+        size: Size = 28,
         root: str | None = None,
         global_batch_size: int = 64,
         num_workers: int = 2,
-        in_chans: int | None = None,
+        in_chans: Channels | None = None,
         img_size: int | None = None,
-        augmentation: str | None = None,
-        augment_on: str = "workers",
+        augmentation: Preset | None = None,
+        augment_on: AugmentOn = "workers",
         mean: list[float] | None = None,
         std: list[float] | None = None,
         download: bool = True,
