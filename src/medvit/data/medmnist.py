@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ from medmnist import INFO
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medvit.data.batch_transforms import BatchAugment, build_batch_transforms
+from medvit.data.checks import check_arrays, check_split_sizes, class_counts
 from medvit.data.dataset import MedMNISTSplit, SeededDistributedSampler
 from medvit.data.files import (
     SPLITS,
@@ -50,8 +50,6 @@ AUGMENT_ON: tuple[str, ...] = get_args(AugmentOn)
 # its detection rate. MedMNIST's own label order puts it at 0 for BreastMNIST (0 malignant,
 # 1 normal/benign) and at 1 for PneumoniaMNIST (0 normal, 1 pneumonia).
 POSITIVE_CLASS = {"breastmnist": "malignant", "pneumoniamnist": "pneumonia"}
-#: Fewer samples than this in a split is refused before training: nothing to learn or measure.
-MIN_SPLIT_SIZE = 2
 
 
 def default_root() -> str:
@@ -284,86 +282,16 @@ class MedMNISTDataModule(L.LightningDataModule):
         with self._cache_errors(cache_root):
             folder = extract_npz(path, mmap_dir_for(path, cache_root))
         arrays = open_arrays(folder, path)
-        self._validate(arrays)
-        self._check_split_sizes(arrays)
-        # Official sizes when the MD5 was checked (_validate insists), the file's own otherwise.
+        official = self.hparams.verify_md5
+        check_arrays(
+            arrays, path, self.hparams.flag, self.hparams.size, self.info, self.task, official
+        )
+        check_split_sizes(
+            arrays, path, self.task, self.class_names, warn_missing=self.hparams.folds_file is None
+        )
+        # Official sizes when the MD5 was checked (check_arrays insists), the file's own otherwise.
         self._split_sizes = {split: len(arrays[f"{split}_labels"]) for split in SPLITS}
         return folder
-
-    def _validate(self, arrays: dict[str, np.ndarray]) -> None:
-        """Refuse a file whose shapes, dtypes or labels do not fit this flag, naming the key."""
-        path, flag, size = self.path, self.hparams.flag, self.hparams.size
-        channels = self.info["n_channels"]
-        expected_img = (size, size) if channels == 1 else (size, size, 3)
-        n_labels = self.num_classes if self.task == "multilabel" else 1
-        for split in SPLITS:
-            images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-            key = f"{split}_images"
-            if images.dtype != np.uint8 or images.shape[1:] != expected_img:
-                raise DataFileError(
-                    f"{path}: '{key}' has shape {images.shape} and dtype {images.dtype}; "
-                    f"{flag} at size {size} needs (N, {', '.join(map(str, expected_img))}) uint8."
-                )
-            key = f"{split}_labels"
-            if labels.ndim != 2 or labels.shape != (len(images), n_labels):
-                raise DataFileError(
-                    f"{path}: '{key}' has shape {labels.shape}; expected ({len(images)}, "
-                    f"{n_labels}) to match '{split}_images'."
-                )
-            if not np.issubdtype(labels.dtype, np.integer):
-                raise DataFileError(f"{path}: '{key}' has dtype {labels.dtype}; expected integers.")
-            lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
-            top = 1 if self.task == "multilabel" else self.num_classes - 1
-            if lo < 0 or hi > top:
-                raise DataFileError(
-                    f"{path}: '{key}' holds values in [{lo}, {hi}]; {flag} labels must lie in "
-                    f"[0, {top}] ({self.task} task)."
-                )
-            official = self.info["n_samples"][split]
-            if self.hparams.verify_md5 and len(images) != official:
-                raise DataFileError(
-                    f"{path}: '{split}' has {len(images)} samples; the official split has {official}."
-                )
-
-    def _check_split_sizes(self, arrays: dict[str, np.ndarray]) -> None:
-        """Refuse an empty or too small split; warn when val or test lacks a class.
-
-        Only a file of one's own (``verify_md5`` off) can get here with such splits: the official
-        sizes are checked in :meth:`_validate`. Training on an empty split would "succeed" and
-        report an untrained model's metrics.
-        """
-        counts = {split: self._class_counts(arrays[f"{split}_labels"]) for split in SPLITS}
-        sizes = {split: len(arrays[f"{split}_labels"]) for split in SPLITS}
-        small = [s for s in SPLITS if sizes[s] < MIN_SPLIT_SIZE]
-        if small:
-            detail = "; ".join(
-                f"{split}: {sizes[split]} ({', '.join(map(str, counts[split].tolist()))})"
-                for split in SPLITS
-            )
-            per = "positives per label" if self.task == "multilabel" else "per class"
-            raise DataFileError(
-                f"{self.path}: the {' and '.join(small)} split(s) hold fewer than "
-                f"{MIN_SPLIT_SIZE} samples, too few to train and evaluate. Samples per split "
-                f"({per} in brackets): {detail}."
-            )
-        if self.hparams.folds_file is not None:
-            return  # validation comes from the CV folds, not the official val split
-        for split in ("val", "test"):
-            missing = [self.class_names[i] for i in np.flatnonzero(counts[split] == 0)]
-            if missing:
-                warnings.warn(
-                    f"{self.path}: the {split} split has no samples of {missing} "
-                    f"({sizes[split]} samples; per class: {counts[split].tolist()}); "
-                    f"{split} AUROC will be undefined (NaN) for "
-                    f"{'those labels' if self.task == 'multilabel' else 'these classes'}.",
-                    stacklevel=2,
-                )
-
-    def _class_counts(self, labels: np.ndarray) -> np.ndarray:
-        labels = np.asarray(labels)
-        if self.task == "multilabel":
-            return labels.sum(0).astype(np.int64)
-        return np.bincount(labels.reshape(-1).astype(np.int64), minlength=self.num_classes)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the split datasets (every rank) and the per-device batch size."""
@@ -455,10 +383,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         data = {"train": self.data_train, "val": self.data_val, "test": self.data_test}[stage]
         if data is None:
             raise RuntimeError(f"call setup() before class_counts('{stage}')")
-        labels = data.labels()
-        if self.task == "multilabel":
-            return labels.sum(0)
-        return np.bincount(labels.reshape(-1), minlength=self.num_classes)
+        return class_counts(data.labels(), self.task, self.num_classes)
 
     # ---------------------------------------------------------------------------- dataloaders
     def _loader(self, data: Dataset, train: bool) -> DataLoader:
