@@ -40,9 +40,14 @@ class DataFileError(ValueError):
     """A data file is missing, corrupt or not in the MedMNIST format."""
 
 
+def size_suffix(size: int) -> str:
+    """MedMNIST's suffix for an image size, in file names and ``INFO`` keys: none for 28 px."""
+    return "" if size == 28 else f"_{size}"
+
+
 def file_name(flag: str, size: int) -> str:
-    """MedMNIST's file naming: the 28 px file has no size suffix."""
-    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+    """MedMNIST's file name for a flag at a size, e.g. ``pathmnist_224.npz``."""
+    return f"{flag}{size_suffix(size)}.npz"
 
 
 def md5sum(path: Path, progress: bool = True) -> str:

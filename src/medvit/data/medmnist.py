@@ -28,6 +28,7 @@ from medvit.data.files import (
     file_name,
     mmap_dir_for,
     open_arrays,
+    size_suffix,
     verify_md5,
 )
 from medvit.data.presets import Preset, preset_for_flag
@@ -216,15 +217,13 @@ class MedMNISTDataModule(L.LightningDataModule):
 
     @property
     def url(self) -> str:
-        suffix = "" if self.hparams.size == 28 else f"_{self.hparams.size}"
         if self.hparams.base_url:
             return f"{self.hparams.base_url.rstrip('/')}/{self.path.name}"
-        return self.info[f"url{suffix}"]
+        return self.info[f"url{size_suffix(self.hparams.size)}"]
 
     @property
     def md5(self) -> str:
-        suffix = "" if self.hparams.size == 28 else f"_{self.hparams.size}"
-        return self.info[f"MD5{suffix}"]
+        return self.info[f"MD5{size_suffix(self.hparams.size)}"]
 
     def _cache_root(self) -> Path:
         if self.hparams.cache_dir:
