@@ -77,7 +77,8 @@ def short_trainer_args(
     val_batches: int | None = None,
     batch_size: int | None = 8,
     num_workers: int | None = 0,
-    synthetic: bool = True,
+    patch_size: int | None = 7,
+    verify_md5: bool = False,
     progress_bar: bool = False,
 ) -> list[str]:
     """``medvit`` options of a short, quiet run; ``extra`` come last, so they can override.
@@ -89,9 +90,10 @@ def short_trainer_args(
         val_batches: ``--trainer.limit_val_batches``; ``None``: every batch.
         batch_size: ``--data.global_batch_size``; ``None`` leaves the config's.
         num_workers: ``--data.num_workers``; ``None`` leaves it to the caller or the config.
-        synthetic: files made by :func:`make_medmnist_npz`: no MD5 check (they are not the
-            official files) and 7 px patches (a 4 x 4 token grid at 28 px, a fast model).
-            ``False`` for the official files and the recipe's model.
+        patch_size: ``--model.patch_size``, 7 by default (a 4 x 4 token grid at 28 px, a fast
+            model); ``None`` leaves the config's (the recipe's model).
+        verify_md5: ``False`` skips the MD5 check (files made by :func:`make_medmnist_npz`
+            are not the official ones); ``True`` leaves the default (checked).
         progress_bar: ``False`` turns the bar off; ``True`` leaves Lightning's default (on).
             The model summary is always off (it only prints).
     """
@@ -107,8 +109,10 @@ def short_trainer_args(
         args.append(f"--data.num_workers={num_workers}")
     if batch_size is not None:
         args.append(f"--data.global_batch_size={batch_size}")
-    if synthetic:
-        args += ["--data.verify_md5=false", "--model.patch_size=7"]
+    if not verify_md5:
+        args.append("--data.verify_md5=false")
+    if patch_size is not None:
+        args.append(f"--model.patch_size={patch_size}")
     return [*args, *extra]
 
 

@@ -16,7 +16,7 @@ from medvit.cli import MedViTCLI, main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "configs" / "experiment").glob("*.yaml"))
-QUICK = short_trainer_args(1, train_batches=2, val_batches=2, synthetic=False)
+QUICK = short_trainer_args(1, train_batches=2, val_batches=2, patch_size=None, verify_md5=True)
 
 
 class ParseOnly(MedViTCLI):

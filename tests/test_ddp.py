@@ -42,7 +42,7 @@ FIT_ARGS = [
     "-c",
     str(REPO / "configs/experiment/breastmnist.yaml"),
     # batch size pinned: the experiment config may change
-    *short_trainer_args(1, train_batches=4, batch_size=32, synthetic=False),
+    *short_trainer_args(1, train_batches=4, batch_size=32, patch_size=None, verify_md5=True),
     "--trainer.accelerator=cpu",
     "--model.drop_path_rate=0",
     "--model.drop_rate=0",

@@ -374,7 +374,7 @@ FIT = [
     "-c",
     str(REPO / "configs" / "experiment" / "breastmnist.yaml"),
     "--model.drop_path_rate=0",  # no stochastic depth: the resumed run must match bit for bit
-    *short_trainer_args(2, train_batches=3, batch_size=32, synthetic=False),
+    *short_trainer_args(2, train_batches=3, batch_size=32, patch_size=None, verify_md5=True),
 ]
 
 

@@ -35,7 +35,9 @@ RUN_PLOTS = {
     "confusion_normalized",
     "reliability",
 }
-QUICK = short_trainer_args(2, train_batches=3, val_batches=2, batch_size=None, synthetic=False)
+QUICK = short_trainer_args(
+    2, train_batches=3, val_batches=2, batch_size=None, patch_size=None, verify_md5=True
+)
 
 
 # ----------------------------------------------------------------------------- HTML reading
