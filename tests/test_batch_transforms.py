@@ -300,7 +300,7 @@ def test_datamodule_augments_training_batches_on_the_device(synthetic_root, tmp_
         MedMNISTDataModule(augment_on="gpu", **common)
 
 
-def test_fit_with_augmentation_on_the_device(synthetic_root, tmp_path):
+def test_fit_with_augmentation_on_the_device(synthetic_root, short_trainer, tmp_path):
     from medvit.cli import main
 
     root = synthetic_root("bloodmnist", n=(32, 16, 16))
@@ -309,15 +309,9 @@ def test_fit_with_augmentation_on_the_device(synthetic_root, tmp_path):
             "fit",
             "--data.flag=bloodmnist",
             f"--data.root={root}",
-            "--data.verify_md5=false",
             "--data.augment_on=device",
-            "--data.num_workers=0",
-            "--data.global_batch_size=8",
-            "--model.patch_size=7",
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
-            "--trainer.enable_progress_bar=false",
             f"--run.root={tmp_path / 'runs'}",
+            *short_trainer(1, train_batches=2),
         ]
     )
     # Had Lightning skipped the DataModule's hook, the model would have met uint8 4-tuples.

@@ -23,6 +23,7 @@ import lightning as L
 import numpy as np
 import pytest
 import yaml
+from conftest import short_trainer_args
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
@@ -501,16 +502,9 @@ def _wandb_run(folder: Path) -> tuple[Any, dict[str, Any]]:
 BASE_ARGS = [
     "-c",
     str(REPO / "configs" / "experiment" / "breastmnist.yaml"),
-    "--trainer.max_epochs",
-    "2",
-    "--data.num_workers",
-    "0",
-    "--trainer.limit_train_batches",
-    "2",
-    "--trainer.limit_val_batches",
-    "2",
-    "--trainer.enable_progress_bar",
-    "false",
+    *short_trainer_args(
+        2, train_batches=2, val_batches=2, batch_size=None, patch_size=None, verify_md5=True
+    ),
 ]
 FIT_ARGS = [*BASE_ARGS, "-c", str(REPO / "configs" / "tracking" / "wandb.yaml")]
 
@@ -714,7 +708,7 @@ def test_real_cv_wandb_runs_are_grouped_offline(resumed_cv: dict[str, Any]) -> N
 @pytest.mark.slow
 def test_real_cv_refuses_a_changed_config(resumed_cv: dict[str, Any]) -> None:
     cv_dir, cmd = resumed_cv["cv_dir"], list(resumed_cv["cmd"])
-    cmd[cmd.index("--trainer.max_epochs") + 1] = "3"
+    cmd[cmd.index("--trainer.max_epochs=2")] = "--trainer.max_epochs=3"
     folds_before = (cv_dir / "folds.csv").read_bytes()
     proc = subprocess.run(
         cmd,
@@ -737,7 +731,7 @@ def test_each_fold_gets_its_own_ddp_group(real_data: Path, tmp_path: Path) -> No
     """Two folds in a row, each a 2-process DDP fit (gloo on CPU) started by Lightning."""
     cv_dir = tmp_path / "cv"
     args = list(BASE_ARGS)
-    args[args.index("--trainer.max_epochs") + 1] = "1"
+    args[args.index("--trainer.max_epochs=2")] = "--trainer.max_epochs=1"
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     cmd = [
         sys.executable,

@@ -40,6 +40,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from conftest import short_trainer_args
 
 from medvit import cv
 from medvit.data.files import DataFileError, release_caches
@@ -373,12 +374,7 @@ FIT = [
     "-c",
     str(REPO / "configs" / "experiment" / "breastmnist.yaml"),
     "--model.drop_path_rate=0",  # no stochastic depth: the resumed run must match bit for bit
-    "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=3",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--data.global_batch_size=32",
-    "--data.num_workers=0",
+    *short_trainer_args(2, train_batches=3, batch_size=32, patch_size=None, verify_md5=True),
 ]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import short_trainer_args
 from matplotlib.text import Text
 from medmnist import INFO
 from PIL import Image
@@ -35,14 +36,9 @@ RUN_PLOTS = {
     "confusion_normalized",
     "reliability",
 }
-QUICK = [
-    "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=3",
-    "--trainer.limit_val_batches=2",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--data.num_workers=0",
-]
+QUICK = short_trainer_args(
+    2, train_batches=3, val_batches=2, batch_size=None, patch_size=None, verify_md5=True
+)
 
 
 # ----------------------------------------------------------------------------- HTML reading

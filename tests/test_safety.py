@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_medmnist_npz
+from conftest import make_medmnist_npz, short_trainer_args
 
 from medvit import cv
 from medvit.cli import main
@@ -28,15 +28,7 @@ from medvit.data.medmnist import MedMNISTDataModule
 from medvit.evaluate import predict
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = [
-    "--model.patch_size=7",
-    "--data.verify_md5=false",
-    "--data.num_workers=0",
-    "--data.global_batch_size=8",
-    "--trainer.limit_train_batches=2",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
+QUICK = short_trainer_args(None, train_batches=2)  # each test sets its own epochs
 
 
 class Payload:
