@@ -46,6 +46,7 @@ from medvit import cv
 from medvit.data.files import DataFileError, release_caches
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.fileio import atomic_write, atomic_write_text
+from medvit.runs import FOLDS_FILE, SUMMARY_CSV, SUMMARY_JSON, write_cv_summary_csv
 from medvit.train.callbacks import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,12 +142,12 @@ def test_cv_summary_csv_survives_a_full_disk(tmp_path):
         "test": {},
         "ensemble": None,
     }
-    path = tmp_path / cv.SUMMARY_CSV
-    cv._write_summary_csv(path, summary)
+    path = tmp_path / SUMMARY_CSV
+    write_cv_summary_csv(path, summary)
     before = path.read_bytes()
     summary["runs"][0]["val"]["auroc"] = 0.8
     with DiskFull(after=20), pytest.raises(OSError):
-        cv._write_summary_csv(path, summary)
+        write_cv_summary_csv(path, summary)
     assert path.read_bytes() == before
     _no_temp_files(tmp_path)
 
@@ -245,7 +246,7 @@ def test_second_cv_on_a_locked_folder_is_refused_naming_the_pid(tmp_path, capsys
 # ------------------------------------------------------------------ dying with the parent
 _CHILD = """
 import sys, time
-import medvit.foldproc as fp
+import medvit.cv.foldproc as fp
 if sys.argv[1] == "watchdog-only":
     fp.sys = type("NotLinux", (), {"platform": "other"})  # no prctl: the watchdog must do it
 fp.die_with_parent(interval=0.2)
@@ -522,7 +523,9 @@ def cv_main_pausing_in_summary(marker: str, argv: list[str]) -> None:
     Run as ``python -c "import test_faults; test_faults.cv_main_pausing_in_summary(...)"``:
     ``cv_summary.json`` is already written, ``cv_summary.csv`` not yet.
     """
-    write_csv = cv._write_summary_csv
+    from medvit.runs import layout
+
+    write_csv = layout.write_cv_summary_csv
 
     def paused(path, summary):
         if not Path(marker).exists():
@@ -530,7 +533,7 @@ def cv_main_pausing_in_summary(marker: str, argv: list[str]) -> None:
             time.sleep(600)
         write_csv(path, summary)
 
-    cv._write_summary_csv = paused
+    layout.write_cv_summary_csv = paused
     cv.main(argv)
 
 
@@ -586,7 +589,7 @@ def test_cv_killed_during_a_fold_and_the_summary(real_data, tmp_path):
                     "fit",
                     *FIT,
                     "--trainer.limit_val_batches=3",
-                    f"--data.folds_file={cv_dir / cv.FOLDS_FILE}",
+                    f"--data.folds_file={cv_dir / FOLDS_FILE}",
                     "--data.fold=0",
                     f"--run.dir={straight_f0}",
                 ),
@@ -645,7 +648,7 @@ def test_cv_killed_during_a_fold_and_the_summary(real_data, tmp_path):
     assert final.stdout.count("finished earlier, skipped") == 2
     print(f"cv: survived {len(survived)} kill points: {survived}")
 
-    summary = json.loads((cv_dir / cv.SUMMARY_JSON).read_text())
+    summary = json.loads((cv_dir / SUMMARY_JSON).read_text())
     assert [r["run"] for r in summary["runs"]] == ["r0-f0", "r0-f1"]  # each fold once
     assert summary["complete"] and summary["runs_completed"] == 2
     # The uninterrupted CV: the same summary over the uninterrupted fold 1 (fold 2 never was).
@@ -659,7 +662,7 @@ def test_cv_killed_during_a_fold_and_the_summary(real_data, tmp_path):
     expected = cv.summarize(expected_dir, runs, info=info, sizes=sizes)
     for key in ("runs", "val", "test", "ensemble", "complete", "missing"):
         assert summary[key] == expected[key], key
-    with open(cv_dir / cv.SUMMARY_CSV, newline="") as fh:
+    with open(cv_dir / SUMMARY_CSV, newline="") as fh:
         assert [row["run"] for row in csv.DictReader(fh)][:2] == ["r0-f0", "r0-f1"]
     assert not [p for p in cv_dir.rglob("*.tmp")], "temporary files left in the CV folder"
 
