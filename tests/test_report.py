@@ -572,28 +572,16 @@ def test_torch_free_numbers_equal_torchmetrics(flag, absent):
     preds = _with_absent_class(flag) if absent else _fake(flag, seed=4)
     probs, target = preds.tensors()
     c = preds.num_classes
+    # torchmetrics' per-class function of each name in plots.PER_CLASS.
+    names = ("precision", "recall", "specificity", "f1_score", "auroc", "average_precision")
     if preds.task == "multilabel":
         kw = {"num_labels": c}
-        fns = [
-            tmf.multilabel_precision,
-            tmf.multilabel_recall,
-            tmf.multilabel_specificity,
-            tmf.multilabel_f1_score,
-            tmf.multilabel_auroc,
-            tmf.multilabel_average_precision,
-        ]
+        fns = [getattr(tmf, f"multilabel_{name}") for name in names]
         cm = tmf.multilabel_confusion_matrix(probs, target, **kw)
         ece = tmf.binary_calibration_error(probs.reshape(-1), target.reshape(-1), n_bins=15)
     else:
         kw = {"num_classes": c}
-        fns = [
-            tmf.multiclass_precision,
-            tmf.multiclass_recall,
-            tmf.multiclass_specificity,
-            tmf.multiclass_f1_score,
-            tmf.multiclass_auroc,
-            tmf.multiclass_average_precision,
-        ]
+        fns = [getattr(tmf, f"multiclass_{name}") for name in names]
         if preds.task == "binary":
             cm = tmf.binary_confusion_matrix(probs[:, 1], target)
             ece = tmf.binary_calibration_error(*preds.positive_tensors(), n_bins=15)

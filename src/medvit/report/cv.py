@@ -61,31 +61,23 @@ def _cv_stage_table(summary: Mapping[str, Any], stage: str) -> Table | Note:
             [th(name)] + [num(values.get(k), stage=stage, metric=k, fold=name) for k in keys]
         )
 
-    def stat(k: str, key: str) -> Any:
-        return agg.get(k, {}).get(key)
-
-    rows.append(
-        [th("mean ± std", cls="agg")]
-        + [
-            Cell(
-                f"{fmt(stat(k, 'mean'))} ± {fmt(stat(k, 'std'))}",
-                cls="num agg",
-                data={"stage": stage, "metric": k, "stat": "mean_std"},
-            )
-            for k in keys
-        ]
+    # Rows of statistics: title, data-stat, and how a metric's aggregate is printed.
+    stats = (
+        ("mean ± std", "mean_std", lambda a: f"{fmt(a.get('mean'))} ± {fmt(a.get('std'))}"),
+        ("95% CI", "ci95", lambda a: f"[{fmt(a.get('ci95_low'))}, {fmt(a.get('ci95_high'))}]"),
     )
-    rows.append(
-        [th("95% CI", cls="agg")]
-        + [
-            Cell(
-                f"[{fmt(stat(k, 'ci95_low'))}, {fmt(stat(k, 'ci95_high'))}]",
-                cls="num agg",
-                data={"stage": stage, "metric": k, "stat": "ci95"},
-            )
-            for k in keys
-        ]
-    )
+    for title, stat, text in stats:
+        rows.append(
+            [th(title, cls="agg")]
+            + [
+                Cell(
+                    text(agg.get(k, {})),
+                    cls="num agg",
+                    data={"stage": stage, "metric": k, "stat": stat},
+                )
+                for k in keys
+            ]
+        )
     rows.append(
         [th("n", cls="agg")]
         + [Cell(str(agg.get(k, {}).get("n", "—")), cls="num agg") for k in keys]
