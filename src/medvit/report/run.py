@@ -152,7 +152,7 @@ def per_class_table(preds: Predictions) -> Table:
         "AUROC",
         "average precision",
     ]
-    rule = "label probability ≥ 0.5" if preds.task == "multilabel" else "most probable class"
+    rule = "label probability > 0.5" if preds.task == "multilabel" else "most probable class"
     return Table(rows, head, cls="per-class", caption=f"Per-class metrics (prediction: {rule})")
 
 
