@@ -7,8 +7,8 @@ timeout). A mutant is *killed* when a test fails or the run times out, and *surv
 test passes. Surviving mutants are listed so that each one gets a test or an explanation.
 
 Strings are not mutated (they are messages, names and library options; a misspelt option already
-fails loudly), nor docstrings, f-strings or ``__all__``. ``transforms.py`` is mutated only in its
-preset table (``_PRESET_OPS`` and ``_radiology_affine``).
+fails loudly), nor docstrings, f-strings or ``__all__``. ``data/presets.py`` is mutated only in its
+preset table (``PRESET_OPS`` and ``_radiology_affine``).
 
 Speed: the heavy imports (torch, Lightning, MONAI, ...) happen once in this process; every mutant
 runs in a forked child that imports the mutated ``medvit`` afresh and calls ``pytest.main``. About
@@ -40,12 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 # module key -> (source file, its own test files, top-level names to mutate or None for all)
 TARGETS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "metrics": ("src/medvit/models/metrics.py", ["tests/test_metrics.py"], None),
-    "splits": ("src/medvit/splits.py", ["tests/test_splits.py"], None),
+    "splits": ("src/medvit/evaluate/splits.py", ["tests/test_splits.py"], None),
     "vit": ("src/medvit/models/vit.py", ["tests/test_vit.py"], None),
     "presets": (
-        "src/medvit/data/transforms.py",
+        "src/medvit/data/presets.py",
         ["tests/test_transforms.py", "tests/test_batch_transforms.py"],
-        ["_PRESET_OPS", "_radiology_affine"],
+        ["PRESET_OPS", "_radiology_affine"],
     ),
 }
 

@@ -70,6 +70,71 @@ def synthetic_root(tmp_path: Path):
     return make
 
 
+def short_trainer_args(
+    epochs: int | None,
+    *extra: str,
+    train_batches: int | None = None,
+    val_batches: int | None = None,
+    batch_size: int | None = 8,
+    num_workers: int | None = 0,
+    patch_size: int | None = 7,
+    verify_md5: bool = False,
+    progress_bar: bool = False,
+) -> list[str]:
+    """``medvit`` options of a short, quiet run; ``extra`` come last, so they can override.
+
+    Args:
+        epochs: ``--trainer.max_epochs``; ``None`` leaves it to the caller or the config.
+        *extra: more options, appended as given.
+        train_batches: ``--trainer.limit_train_batches``; ``None``: every batch.
+        val_batches: ``--trainer.limit_val_batches``; ``None``: every batch.
+        batch_size: ``--data.global_batch_size``; ``None`` leaves the config's.
+        num_workers: ``--data.num_workers``; ``None`` leaves it to the caller or the config.
+        patch_size: ``--model.patch_size``, 7 by default (a 4 x 4 token grid at 28 px, a fast
+            model); ``None`` leaves the config's (the recipe's model).
+        verify_md5: ``False`` skips the MD5 check (files made by :func:`make_medmnist_npz`
+            are not the official ones); ``True`` leaves the default (checked).
+        progress_bar: ``False`` turns the bar off; ``True`` leaves Lightning's default (on).
+            The model summary is always off (it only prints).
+    """
+    args = [] if epochs is None else [f"--trainer.max_epochs={epochs}"]
+    if train_batches is not None:
+        args.append(f"--trainer.limit_train_batches={train_batches}")
+    if val_batches is not None:
+        args.append(f"--trainer.limit_val_batches={val_batches}")
+    if not progress_bar:
+        args.append("--trainer.enable_progress_bar=false")
+    args.append("--trainer.enable_model_summary=false")
+    if num_workers is not None:
+        args.append(f"--data.num_workers={num_workers}")
+    if batch_size is not None:
+        args.append(f"--data.global_batch_size={batch_size}")
+    if not verify_md5:
+        args.append("--data.verify_md5=false")
+    if patch_size is not None:
+        args.append(f"--model.patch_size={patch_size}")
+    return [*args, *extra]
+
+
+@pytest.fixture(scope="session")
+def short_trainer():
+    """``short_trainer(epochs, *extra, **options)``: :func:`short_trainer_args` in a test."""
+    return short_trainer_args
+
+
+def short_trainer_kwargs(epochs: int, **extra) -> dict:
+    """``lightning.Trainer`` keywords of a short, quiet run: no logger, checkpoints, bar or
+    model summary; ``extra`` are more keywords (they override these)."""
+    return {
+        "max_epochs": epochs,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        **extra,
+    }
+
+
 def short_breast_fit(tmp: Path, *extra: str) -> Path:
     """Fit 2 epochs (then test) on a small synthetic BreastMNIST file in ``tmp``; the run folder.
 
@@ -82,15 +147,8 @@ def short_breast_fit(tmp: Path, *extra: str) -> Path:
         [
             "fit",
             f"--data.root={tmp / 'data'}",
-            "--data.verify_md5=false",
-            "--data.num_workers=0",
-            "--data.global_batch_size=8",
-            "--model.patch_size=7",
-            "--trainer.max_epochs=2",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
             f"--run.root={tmp / 'runs'}",
-            *extra,
+            *short_trainer_args(2, *extra),
         ]
     )
     (run_dir,) = (tmp / "runs" / "breastmnist").iterdir()

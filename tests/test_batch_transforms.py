@@ -15,10 +15,12 @@ import torch.nn.functional as F
 import yaml
 from albumentations.augmentations.pixel import functional as AF
 
-from medvit.data import batch_transforms as bt
-from medvit.data.batch_transforms import BatchAugment, BatchRandom, RawImage, translate
+from medvit.data import batch_ops as bt
+from medvit.data.batch_ops import BatchRandom
+from medvit.data.batch_transforms import BatchAugment, RawImage, translate
 from medvit.data.medmnist import MedMNISTDataModule, SeededDistributedSampler
-from medvit.data.transforms import PRESETS, HEDJitter, _alb, _mon, build_transforms
+from medvit.data.presets import PRESETS, HEDJitter, _alb, _mon
+from medvit.data.transforms import build_transforms
 
 B = 6
 
@@ -172,7 +174,7 @@ def test_rot90_and_affine_geometry(x):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_has_a_batched_version(preset):
     aug = BatchAugment(preset, 32, in_chans=3)
-    from medvit.data.transforms import _PRESET_OPS
+    from medvit.data.presets import PRESET_OPS as _PRESET_OPS
 
     assert [op.name for op in aug.ops] == [s.cls.__name__ for s in _PRESET_OPS[preset]]
     for c in (1, 3):
@@ -298,7 +300,7 @@ def test_datamodule_augments_training_batches_on_the_device(synthetic_root, tmp_
         MedMNISTDataModule(augment_on="gpu", **common)
 
 
-def test_fit_with_augmentation_on_the_device(synthetic_root, tmp_path):
+def test_fit_with_augmentation_on_the_device(synthetic_root, short_trainer, tmp_path):
     from medvit.cli import main
 
     root = synthetic_root("bloodmnist", n=(32, 16, 16))
@@ -307,15 +309,9 @@ def test_fit_with_augmentation_on_the_device(synthetic_root, tmp_path):
             "fit",
             "--data.flag=bloodmnist",
             f"--data.root={root}",
-            "--data.verify_md5=false",
             "--data.augment_on=device",
-            "--data.num_workers=0",
-            "--data.global_batch_size=8",
-            "--model.patch_size=7",
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
-            "--trainer.enable_progress_bar=false",
             f"--run.root={tmp_path / 'runs'}",
+            *short_trainer(1, train_batches=2),
         ]
     )
     # Had Lightning skipped the DataModule's hook, the model would have met uint8 4-tuples.
@@ -422,7 +418,7 @@ def _uniforms(n_rows: int, n_params: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_batched_op_has_the_library_ops_probability_and_ranges(preset):
-    from medvit.data.transforms import _PRESET_OPS
+    from medvit.data.presets import PRESET_OPS as _PRESET_OPS
 
     aug = BatchAugment(preset, 28, in_chans=3)
     x = torch.rand(5, 3, 28, 28, generator=torch.Generator().manual_seed(2)) * 0.8 + 0.1

@@ -204,17 +204,14 @@ def test_gpu_check_script_runs_on_cpu(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------- medmnist table
 @pytest.mark.slow
 def test_medmnist_table_runs_seeds_side_by_side_and_reuses_finished_runs(
-    synthetic_root, tmp_path: Path
+    synthetic_root, short_trainer, tmp_path: Path
 ) -> None:
     root = synthetic_root("breastmnist", n=(32, 16, 16))
     out = tmp_path / "table"
     tiny = [
         f"--data.root={root}",
-        "--data.verify_md5=false",
         f"--data.cache_dir={tmp_path / 'mmap'}",
-        "--data.num_workers=0",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=1",
+        *short_trainer(1, train_batches=1, batch_size=None, patch_size=None),
     ]
     table = load("medmnist_table")
     args = ["--flags", "breastmnist", "--seeds", "0", "1", "--jobs", "2", "--out", str(out)]

@@ -9,21 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import short_trainer_args
 from PIL import Image
 
 from medvit.cli import MedViTCLI, main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "configs" / "experiment").glob("*.yaml"))
-QUICK = [
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=2",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--data.num_workers=0",
-    "--data.global_batch_size=8",
-]
+QUICK = short_trainer_args(1, train_batches=2, val_batches=2, patch_size=None, verify_md5=True)
 
 
 class ParseOnly(MedViTCLI):

@@ -10,20 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import short_trainer_args
 
 from medvit.cli import EXTRA_COMMANDS, MedViTCLI, is_user_error, main
 
-QUICK = [
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=2",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--data.num_workers=0",
-    "--data.global_batch_size=8",
-    "--data.verify_md5=false",
-    "--model.patch_size=7",
-]
+QUICK = short_trainer_args(1, train_batches=2, val_batches=2)
 
 
 @pytest.fixture(scope="module")

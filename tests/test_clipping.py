@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from conftest import short_trainer_kwargs
 
 from medvit.models.module import ViTClassifier
 
@@ -39,15 +40,13 @@ def train(fused: bool, clip: float | None) -> dict[str, torch.Tensor]:
         drop_path_rate=0.0,
     )
     trainer = L.Trainer(
-        accelerator="cpu",
-        precision="bf16-mixed",
-        max_epochs=1,
-        gradient_clip_val=clip,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
+        **short_trainer_kwargs(
+            1,
+            accelerator="cpu",
+            precision="bf16-mixed",
+            gradient_clip_val=clip,
+            limit_val_batches=0,
+        )
     )
     loader = torch.utils.data.DataLoader(Batches(), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)

@@ -23,10 +23,12 @@ import lightning as L
 import numpy as np
 import pytest
 import yaml
+from conftest import short_trainer_args
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from medvit import cv
+from medvit.cv import runner
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.runs import read_folds
 
@@ -146,9 +148,11 @@ def fake_cv(synthetic_root, monkeypatch, tmp_path):
     root = synthetic_root("breastmnist", n=(40, 12, 16))
 
     def run(argv: list[str], fit: FakeFit, **config_changes: Any) -> int:
-        monkeypatch.setattr(cv, "resolve_fit_config", lambda args: _config(root, **config_changes))
-        monkeypatch.setattr(cv, "launch", fit)
-        return cv.run_cv(["--cv-dir", str(tmp_path / "cv"), *argv])
+        monkeypatch.setattr(
+            runner, "resolve_fit_config", lambda args: _config(root, **config_changes)
+        )
+        monkeypatch.setattr(runner, "launch", fit)
+        return runner.run_cv(["--cv-dir", str(tmp_path / "cv"), *argv])
 
     run.root = root
     run.cv_dir = tmp_path / "cv"
@@ -392,8 +396,8 @@ def test_changed_setup_under_existing_dir_is_refused(fake_cv) -> None:
 
 def test_main_exit_codes(fake_cv, monkeypatch, capsys) -> None:
     root = fake_cv.root
-    monkeypatch.setattr(cv, "resolve_fit_config", lambda args: _config(root))
-    monkeypatch.setattr(cv, "launch", FakeFit(fail={"r0-f0": False}))
+    monkeypatch.setattr(runner, "resolve_fit_config", lambda args: _config(root))
+    monkeypatch.setattr(runner, "launch", FakeFit(fail={"r0-f0": False}))
     with pytest.raises(SystemExit) as failed:
         cv.main(["--cv-dir", str(fake_cv.cv_dir), "--folds", "2"])
     assert failed.value.code == 1
@@ -460,6 +464,60 @@ def test_load_groups_npy_and_errors(tmp_path) -> None:
         cv.load_groups(tmp_path / "bad.csv", pool)
 
 
+HEAVY = ("torch", "lightning", "timm", "monai", "albumentations")
+
+
+def test_cv_help_imports_no_training_stack() -> None:
+    code = (
+        "import sys\n"
+        "from medvit.cv import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: medvit cv" in proc.stdout and "--group-by FILE" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+@pytest.mark.slow  # one `medvit fit --print_config` process: ~20 s on 2 cores
+def test_fit_config_is_resolved_in_process_as_print_config_prints_it(tmp_path) -> None:
+    args = ["-c", str(REPO / "configs" / "experiment" / "breastmnist.yaml")]
+    args += ["--trainer.max_epochs", "3", f"--data.root={tmp_path}", "--run.name=x"]
+    printed = subprocess.run(
+        [sys.executable, "-m", "medvit", "fit", *args, "--print_config"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    expected = yaml.safe_load(printed.stdout)
+    config = runner.resolve_fit_config(args)
+    assert config == expected
+    # What cv records and compares: the fingerprint and the experiment name.
+    assert runner.config_fingerprint(config) == runner.config_fingerprint(expected)
+    assert config["trainer"]["max_epochs"] == 3 and runner.experiment_of(config) == "x"
+
+
+def test_fit_arguments_that_do_not_parse_are_one_line(fake_cv, capsys) -> None:
+    base = ["-c", str(REPO / "configs" / "experiment" / "breastmnist.yaml")]
+    for bad, named in (
+        (["--trainer.max_epochs", "many"], "trainer.max_epochs"),
+        (["--no_such.option", "1"], "--no_such.option"),
+    ):
+        with pytest.raises(ValueError) as err:
+            runner.resolve_fit_config([*base, *bad])
+        assert named in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(SystemExit) as exit_:
+        cv.main(["--cv-dir", str(fake_cv.cv_dir), *base, "--trainer.max_epochs", "many"])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("medvit cv: error: `medvit fit ") and "trainer.max_epochs" in last
+
+
 # ------------------------------------------------------------------------------- slow tests
 def _wandb_records(path: Path) -> list[Any]:
     """Records of an offline ``run-*.wandb`` file (LevelDB log format, protobuf records)."""
@@ -501,16 +559,9 @@ def _wandb_run(folder: Path) -> tuple[Any, dict[str, Any]]:
 BASE_ARGS = [
     "-c",
     str(REPO / "configs" / "experiment" / "breastmnist.yaml"),
-    "--trainer.max_epochs",
-    "2",
-    "--data.num_workers",
-    "0",
-    "--trainer.limit_train_batches",
-    "2",
-    "--trainer.limit_val_batches",
-    "2",
-    "--trainer.enable_progress_bar",
-    "false",
+    *short_trainer_args(
+        2, train_batches=2, val_batches=2, batch_size=None, patch_size=None, verify_md5=True
+    ),
 ]
 FIT_ARGS = [*BASE_ARGS, "-c", str(REPO / "configs" / "tracking" / "wandb.yaml")]
 
@@ -714,7 +765,7 @@ def test_real_cv_wandb_runs_are_grouped_offline(resumed_cv: dict[str, Any]) -> N
 @pytest.mark.slow
 def test_real_cv_refuses_a_changed_config(resumed_cv: dict[str, Any]) -> None:
     cv_dir, cmd = resumed_cv["cv_dir"], list(resumed_cv["cmd"])
-    cmd[cmd.index("--trainer.max_epochs") + 1] = "3"
+    cmd[cmd.index("--trainer.max_epochs=2")] = "--trainer.max_epochs=3"
     folds_before = (cv_dir / "folds.csv").read_bytes()
     proc = subprocess.run(
         cmd,
@@ -737,7 +788,7 @@ def test_each_fold_gets_its_own_ddp_group(real_data: Path, tmp_path: Path) -> No
     """Two folds in a row, each a 2-process DDP fit (gloo on CPU) started by Lightning."""
     cv_dir = tmp_path / "cv"
     args = list(BASE_ARGS)
-    args[args.index("--trainer.max_epochs") + 1] = "1"
+    args[args.index("--trainer.max_epochs=2")] = "--trainer.max_epochs=1"
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     cmd = [
         sys.executable,

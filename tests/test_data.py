@@ -18,6 +18,7 @@ from conftest import make_medmnist_npz
 
 from medvit.data.files import (
     DataFileError,
+    download,
     md5sum,
     prune_caches,
     release_caches,
@@ -185,6 +186,51 @@ def test_download_of_official_file_is_md5_checked(http_server, real_data, tmp_pa
     dm.prepare_data()
     dm.setup("fit")
     assert (len(dm.data_train), len(dm.data_val)) == (546, 78)
+
+
+def test_download_replaces_a_part_file_left_by_a_killed_run(http_server, tmp_path):
+    served, url = http_server
+    (served / "x.npz").write_bytes(b"the served bytes")
+    dest = tmp_path / "root" / "x.npz"
+    dest.parent.mkdir()
+    dest.with_name("x.npz.part").write_bytes(b"half")
+    download(f"{url}/x.npz", dest, md5=None)
+    assert dest.read_bytes() == b"the served bytes"
+    assert not dest.with_name("x.npz.part").exists()
+
+
+def test_stalled_download_times_out_leaving_no_file_and_says_where_to_put_it(tmp_path):
+    """A server that promises 1 MiB, sends 10 bytes, then stops answering."""
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 20))
+            self.end_headers()
+            self.wfile.write(b"x" * 10)
+            self.wfile.flush()
+            release.wait(10)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/x.npz"
+    dest = tmp_path / "root" / "x.npz"
+    try:
+        start = time.monotonic()
+        with pytest.raises(DataFileError, match="put it at") as err:
+            download(url, dest, md5=None, timeout=0.5)
+        assert time.monotonic() - start < 5
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert url in str(err.value) and str(dest) in str(err.value)
+    assert not dest.exists() and not list(dest.parent.glob("*.part"))
 
 
 def test_existing_file_with_wrong_md5_is_refused(synthetic_root):

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import short_trainer_args
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
@@ -40,12 +41,9 @@ WEIGHT_TOL = 1e-5
 FIT_ARGS = [
     "-c",
     str(REPO / "configs/experiment/breastmnist.yaml"),
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=4",
+    # batch size pinned: the experiment config may change
+    *short_trainer_args(1, train_batches=4, batch_size=32, patch_size=None, verify_md5=True),
     "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
-    "--data.num_workers=0",
-    "--data.global_batch_size=32",  # pinned: the experiment config may change
     "--model.drop_path_rate=0",
     "--model.drop_rate=0",
 ]

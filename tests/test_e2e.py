@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import short_trainer_args
 
 from medvit.cli import main
 
@@ -18,11 +19,10 @@ pytestmark = pytest.mark.slow
 
 EXACT = [  # no stochastic depth: a resumed run must then match an uninterrupted one bit for bit
     "--model.drop_path_rate=0",
-    "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=3",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--data.global_batch_size=32",
+    # workers: each test sets its own
+    *short_trainer_args(
+        2, train_batches=3, batch_size=32, num_workers=None, patch_size=None, verify_md5=True
+    ),
 ]
 
 
@@ -73,9 +73,7 @@ def recipe_runs(real_data: Path, tmp_path_factory: pytest.TempPathFactory) -> di
             f"--data.cache_dir={tmp / f'cache{seed}'}",  # no two processes unpacking one file
             f"--run.dir={run_dir}",
             f"--seed_everything={seed}",
-            "--trainer.max_epochs=10",
-            "--trainer.enable_progress_bar=false",
-            "--data.num_workers=0",
+            *short_trainer_args(10, batch_size=None, patch_size=None, verify_md5=True),
         ]
         log = open(tmp / f"seed{seed}.log", "w")  # noqa: SIM115 - closed below
         procs[seed] = (subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=log), log)

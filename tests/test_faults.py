@@ -40,12 +40,13 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from conftest import short_trainer_args
 
 from medvit import cv
 from medvit.data.files import DataFileError, release_caches
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.fileio import atomic_write, atomic_write_text
-from medvit.runs import write_json
+from medvit.runs import FOLDS_FILE, SUMMARY_CSV, SUMMARY_JSON, write_cv_summary_csv, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,12 +141,12 @@ def test_cv_summary_csv_survives_a_full_disk(tmp_path):
         "test": {},
         "ensemble": None,
     }
-    path = tmp_path / cv.SUMMARY_CSV
-    cv._write_summary_csv(path, summary)
+    path = tmp_path / SUMMARY_CSV
+    write_cv_summary_csv(path, summary)
     before = path.read_bytes()
     summary["runs"][0]["val"]["auroc"] = 0.8
     with DiskFull(after=20), pytest.raises(OSError):
-        cv._write_summary_csv(path, summary)
+        write_cv_summary_csv(path, summary)
     assert path.read_bytes() == before
     _no_temp_files(tmp_path)
 
@@ -245,7 +246,7 @@ def test_second_cv_on_a_locked_folder_is_refused_naming_the_pid(tmp_path, capsys
 # ------------------------------------------------------------------ dying with the parent
 _CHILD = """
 import sys, time
-import medvit.foldproc as fp
+import medvit.cv.foldproc as fp
 if sys.argv[1] == "watchdog-only":
     fp.sys = type("NotLinux", (), {"platform": "other"})  # no prctl: the watchdog must do it
 fp.die_with_parent(interval=0.2)
@@ -374,12 +375,7 @@ FIT = [
     "-c",
     str(REPO / "configs" / "experiment" / "breastmnist.yaml"),
     "--model.drop_path_rate=0",  # no stochastic depth: the resumed run must match bit for bit
-    "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=3",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--data.global_batch_size=32",
-    "--data.num_workers=0",
+    *short_trainer_args(2, train_batches=3, batch_size=32, patch_size=None, verify_md5=True),
 ]
 
 
@@ -527,7 +523,9 @@ def cv_main_pausing_in_summary(marker: str, argv: list[str]) -> None:
     Run as ``python -c "import test_faults; test_faults.cv_main_pausing_in_summary(...)"``:
     ``cv_summary.json`` is already written, ``cv_summary.csv`` not yet.
     """
-    write_csv = cv._write_summary_csv
+    from medvit.runs import layout
+
+    write_csv = layout.write_cv_summary_csv
 
     def paused(path, summary):
         if not Path(marker).exists():
@@ -535,7 +533,7 @@ def cv_main_pausing_in_summary(marker: str, argv: list[str]) -> None:
             time.sleep(600)
         write_csv(path, summary)
 
-    cv._write_summary_csv = paused
+    layout.write_cv_summary_csv = paused
     cv.main(argv)
 
 
@@ -591,7 +589,7 @@ def test_cv_killed_during_a_fold_and_the_summary(real_data, tmp_path):
                     "fit",
                     *FIT,
                     "--trainer.limit_val_batches=3",
-                    f"--data.folds_file={cv_dir / cv.FOLDS_FILE}",
+                    f"--data.folds_file={cv_dir / FOLDS_FILE}",
                     "--data.fold=0",
                     f"--run.dir={straight_f0}",
                 ),
@@ -650,7 +648,7 @@ def test_cv_killed_during_a_fold_and_the_summary(real_data, tmp_path):
     assert final.stdout.count("finished earlier, skipped") == 2
     print(f"cv: survived {len(survived)} kill points: {survived}")
 
-    summary = json.loads((cv_dir / cv.SUMMARY_JSON).read_text())
+    summary = json.loads((cv_dir / SUMMARY_JSON).read_text())
     assert [r["run"] for r in summary["runs"]] == ["r0-f0", "r0-f1"]  # each fold once
     assert summary["complete"] and summary["runs_completed"] == 2
     # The uninterrupted CV: the same summary over the uninterrupted fold 1 (fold 2 never was).
@@ -664,7 +662,7 @@ def test_cv_killed_during_a_fold_and_the_summary(real_data, tmp_path):
     expected = cv.summarize(expected_dir, runs, info=info, sizes=sizes)
     for key in ("runs", "val", "test", "ensemble", "complete", "missing"):
         assert summary[key] == expected[key], key
-    with open(cv_dir / cv.SUMMARY_CSV, newline="") as fh:
+    with open(cv_dir / SUMMARY_CSV, newline="") as fh:
         assert [row["run"] for row in csv.DictReader(fh)][:2] == ["r0-f0", "r0-f1"]
     assert not [p for p in cv_dir.rglob("*.tmp")], "temporary files left in the CV folder"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import short_trainer_kwargs
 
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.models.module import ViTClassifier
@@ -47,13 +48,9 @@ def test_backbone_frozen_then_unfrozen_on_schedule(synthetic_root, tmp_path):
     head0 = model.net.head.weight.detach().clone()
     snap = Snapshot()
     trainer = L.Trainer(
-        max_epochs=3,
-        callbacks=[ViTFinetuning(unfreeze_at_epoch=1), snap],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+        **short_trainer_kwargs(
+            3, callbacks=[ViTFinetuning(unfreeze_at_epoch=1), snap], default_root_dir=tmp_path
+        )
     )
     trainer.fit(model, datamodule=data)
     assert torch.equal(snap.backbone[0], start), "backbone must not move while frozen"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import short_trainer_args
 
 from medvit.cli import MedViTCLI
 from medvit.train.progress import LossProgressBar
@@ -24,16 +25,10 @@ def build(root, tmp_path, *extra: str) -> MedViTCLI:
         args=[
             "--data.flag=breastmnist",
             f"--data.root={root}",
-            "--data.verify_md5=false",
-            "--data.num_workers=0",
-            "--data.global_batch_size=4",
-            "--model.patch_size=7",
-            "--trainer.max_epochs=1",
-            "--trainer.limit_val_batches=0",
-            "--trainer.enable_model_summary=false",
             f"--run.root={tmp_path / 'runs'}",
             "--run.test_after_fit=false",
-            *extra,
+            # The bar is what these tests look at: Lightning's default (on) unless ``extra``.
+            *short_trainer_args(1, *extra, val_batches=0, batch_size=4, progress_bar=True),
         ],
         run=False,
     )

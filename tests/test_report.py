@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -17,14 +18,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import short_trainer_args
 from matplotlib.text import Text
 from medmnist import INFO
 from PIL import Image
 from torchmetrics.functional import classification as tmf
 
-from medvit import cv, report
+from medvit import cv, report, runs
 from medvit.cli import main
 from medvit.evaluate import plots
+from medvit.report.tables import duration
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PLOTS = {
@@ -35,14 +38,9 @@ RUN_PLOTS = {
     "confusion_normalized",
     "reliability",
 }
-QUICK = [
-    "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=3",
-    "--trainer.limit_val_batches=2",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--data.num_workers=0",
-]
+QUICK = short_trainer_args(
+    2, train_batches=3, val_batches=2, batch_size=None, patch_size=None, verify_md5=True
+)
 
 
 # ----------------------------------------------------------------------------- HTML reading
@@ -200,7 +198,7 @@ def test_run_report_numbers_and_plots_match_the_run_files(real_runs):
         str(meta["git_sha"])[:12],
         meta["started"][:10],
         meta["device"],
-        report._duration(meta["duration_s"]),
+        duration(meta["duration_s"]),
     ):
         assert expected in header, expected
 
@@ -242,23 +240,22 @@ def test_cv_and_comparison_report(cv_dir, real_runs, tmp_path):
     out = tmp_path / "compare.html"
     report.main([str(cv_dir), str(real_runs[0]), "-o", str(out), "--no-progress"])
     page = Page(out.read_text())
-    summary = json.loads((cv_dir / "cv_summary.json").read_text())
     kinds = [s["class"] for s in page.sections]
     assert kinds == ["compare", "cv", "run"]
     cv_label = page.sections[1]["data-dir"]
     run_label = page.sections[2]["data-dir"]
 
     # Fold table: every fold's metrics, mean ± std, CI and the ensemble, from cv_summary.json.
-    agg = report.normalize_summary(summary)
-    assert len(agg["per_fold"]) == 2 and len(agg["missing"]) == 1
-    for entry in agg["per_fold"]:
+    agg = runs.read_cv_summary(cv_dir)
+    assert len(agg["runs"]) == 2 and len(agg["missing"]) == 1
+    for entry in agg["runs"]:
         name = f"r{entry['repeat']}-f{entry['fold']}"
         fold_metrics = json.loads((cv_dir / entry["run_dir"] / "metrics.json").read_text())
         for stage in ("val", "test"):
             for metric, value in fold_metrics[stage].items():
                 cell = page.value(cv_label, stage=stage, metric=metric, fold=name)
                 assert cell == f"{value:.4f}"
-    for metric, stats in agg["aggregate"]["test"].items():
+    for metric, stats in agg["test"].items():
         cell = page.value(cv_label, stage="test", metric=metric, stat="mean_std")
         assert cell == f"{stats['mean']:.4f} ± {stats['std']:.4f}"
         cell = page.value(cv_label, stage="test", metric=metric, stat="ci95")
@@ -284,48 +281,43 @@ def test_cv_and_comparison_report(cv_dir, real_runs, tmp_path):
         cell = page.value("comparison", stage="val", metric=metric, dir=run_label)
         assert cell == f"{value:.4f}"
     cell = page.value("comparison", stage="test", metric="auroc", dir=cv_label)
-    assert cell.startswith(f"{agg['aggregate']['test']['auroc']['mean']:.4f} ± ")
+    assert cell.startswith(f"{agg['test']['auroc']['mean']:.4f} ± ")
     compare_plots = {f["data-plot"] for f in page.figures if f["section"] == "comparison"}
     assert compare_plots == {"compare_roc", "compare_curves"}
 
 
-def test_normalize_summary_accepts_the_documented_layout():
+def test_cv_summary_schema_is_read_and_shown(tmp_path):
+    """The one CV-summary schema (``medvit cv`` writes it): runs, missing with reasons, val/test
+    aggregates, a null ensemble; the report names completed and missing runs from it."""
+    entry = {
+        "run": "r0-f0",
+        "repeat": 0,
+        "fold": 0,
+        "run_dir": "runs/r0-f0",
+        "val": {"auroc": 0.9},
+        "test": {"auroc": 0.8},
+    }
     summary = {
         "experiment": "x",
         "folds": 2,
         "repeats": 1,
-        "completed": ["r0-f0"],
-        "missing": ["r0-f1"],
-        "per_fold": [
-            {
-                "repeat": 0,
-                "fold": 0,
-                "run_dir": "runs/r0-f0",
-                "val": {"auroc": 0.9},
-                "test": {"auroc": 0.8},
-            }
-        ],
-        "aggregate": {
-            "val": {
-                "auroc": {"mean": 0.9, "std": None, "ci95_low": None, "ci95_high": None, "n": 1}
-            },
-            "test": {},
-        },
-        "ensemble": {"test": {"auroc": 0.8}},
-    }
-    out = report.normalize_summary(summary)
-    assert out["per_fold"] == summary["per_fold"] and out["missing"] == ["r0-f1"]
-    assert out["aggregate"]["val"]["auroc"]["mean"] == 0.9
-    legacy = {
-        "runs": summary["per_fold"],
+        "runs": [entry],
         "val": {"auroc": {"mean": 0.9}},
         "ensemble": None,
         "missing": [{"run": "r0-f1", "repeat": 0, "fold": 1, "reason": "failed (exit code 1)"}],
     }
-    out = report.normalize_summary(legacy)
-    assert out["completed"] == ["r0-f0"] and out["ensemble"] == {}
-    assert out["missing"] == ["r0-f1 (failed (exit code 1))"]
-    assert out["aggregate"]["val"]["auroc"]["mean"] == 0.9
+    cv_folder = tmp_path / "cv"
+    cv_folder.mkdir()
+    (cv_folder / "cv_summary.json").write_text(json.dumps(summary))
+    out = runs.read_cv_summary(cv_folder)
+    assert out["runs"] == [entry] and out["ensemble"] is None
+    assert out["missing"][0]["reason"] == "failed (exit code 1)"
+    assert out["val"]["auroc"]["mean"] == 0.9
+    page = Page(report.build_report([cv_folder], progress=False))
+    (section,) = page.sections
+    assert "Completed folds1: r0-f0" in section["text"]
+    assert "r0-f1 (failed (exit code 1))" in section["text"]
+    assert page.value(stage="val", metric="auroc", stat="mean_std") == "0.9000 ± —"
 
 
 def test_report_of_an_unfinished_run(tmp_path):
@@ -555,3 +547,112 @@ def test_predictions_validation(tmp_path):
     with pytest.raises(ValueError, match=r"lacks \['target'\]"):
         plots.Predictions.load(path)
     assert torch.is_tensor(_fake("breastmnist").tensors()[0])
+
+
+def _with_absent_class(flag: str) -> plots.Predictions:
+    """A prediction set where one class (label) never occurs in the targets."""
+    preds = _fake(flag, seed=5)
+    target = preds.target.copy()
+    if preds.task == "multilabel":
+        target[:, 2] = 0
+    else:
+        target[target == 2] = 0
+    return plots.Predictions(preds.probs, target, preds.class_names, preds.task)
+
+
+@pytest.mark.parametrize("flag", ["breastmnist", "organamnist", "chestmnist"])
+@pytest.mark.parametrize("absent", [False, True])
+def test_torch_free_numbers_equal_torchmetrics(flag, absent):
+    """Per-class scores, curves' AUC/AP, confusion matrices and ECE, without torch, equal
+    torchmetrics' (the library behind metrics.json) on the same predictions."""
+    preds = _with_absent_class(flag) if absent else _fake(flag, seed=4)
+    probs, target = preds.tensors()
+    c = preds.num_classes
+    # torchmetrics' per-class function of each name in plots.PER_CLASS.
+    names = ("precision", "recall", "specificity", "f1_score", "auroc", "average_precision")
+    if preds.task == "multilabel":
+        kw = {"num_labels": c}
+        fns = [getattr(tmf, f"multilabel_{name}") for name in names]
+        cm = tmf.multilabel_confusion_matrix(probs, target, **kw)
+        ece = tmf.binary_calibration_error(probs.reshape(-1), target.reshape(-1), n_bins=15)
+    else:
+        kw = {"num_classes": c}
+        fns = [getattr(tmf, f"multiclass_{name}") for name in names]
+        if preds.task == "binary":
+            cm = tmf.binary_confusion_matrix(probs[:, 1], target)
+            ece = tmf.binary_calibration_error(*preds.positive_tensors(), n_bins=15)
+        else:
+            cm = tmf.multiclass_confusion_matrix(probs, target, **kw)
+            ece = tmf.multiclass_calibration_error(probs, target, n_bins=15, **kw)
+    scores = plots.per_class_metrics(preds)
+    for name, fn in zip(plots.PER_CLASS, fns, strict=True):
+        expected = fn(probs, target, average=None, **kw).numpy()
+        if name in ("auroc", "ap"):
+            np.testing.assert_allclose(scores[name], expected, atol=1e-6, err_msg=name)
+        else:  # the same float32 divisions: the same digits
+            np.testing.assert_array_equal(scores[name], expected, err_msg=name)
+    assert (
+        scores["support"].tolist()
+        == (
+            preds.target.sum(0)
+            if preds.task == "multilabel"
+            else np.bincount(preds.target, minlength=c)
+        ).tolist()
+    )
+    assert plots.confusion_matrix(preds).tolist() == cm.tolist()
+    assert plots.calibration_bins(preds)["ece"] == pytest.approx(float(ece), abs=1e-6)
+    if preds.task == "multiclass":
+        macro = tmf.multiclass_average_precision(probs, target, num_classes=c, average="macro")
+        assert plots.pr_curves(preds)[-1][3] == pytest.approx(float(macro), abs=1e-6)
+        macro = tmf.multiclass_auroc(probs, target, num_classes=c, average="macro")
+        assert plots.roc_curves(preds)[-1][3] == pytest.approx(float(macro), abs=1e-6)
+
+
+HEAVY = ("torch", "lightning", "timm", "monai", "albumentations")
+
+
+def test_report_command_does_not_import_torch(tmp_path):
+    """``medvit report`` on a run folder and a CV folder imports none of the training stack."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(
+        "data:\n  flag: breastmnist\n  size: 28\nmodel:\n  model_name: vit_tiny_patch16_224\n"
+    )
+    (run / "metrics.csv").write_text("epoch,step,val/auroc,val/loss\n0,7,0.6,0.65\n1,15,0.7,0.6\n")
+    preds = _fake("breastmnist", n=60)
+    runs.write_predictions(
+        run / "test_predictions.npz",
+        probs=preds.probs,
+        target=preds.target,
+        index=preds.index,
+        class_names=preds.class_names,
+        task="binary",
+    )
+    runs.write_metrics(run, {"val": {"auroc": 0.7}, "test": {"auroc": 0.65}, "best_epoch": 1})
+    cv_folder = tmp_path / "cv"
+    shutil.copytree(run, cv_folder / "runs" / "r0-f0")
+    entry = {"run": "r0-f0", "repeat": 0, "fold": 0, "run_dir": "runs/r0-f0"}
+    summary = {
+        "runs": [{**entry, "val": {"auroc": 0.7}, "test": {"auroc": 0.65}}],
+        "missing": [],
+        "val": {},
+        "test": {},
+        "ensemble": None,
+    }
+    (cv_folder / "cv_summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "report.html"
+    code = (
+        "import sys, json\n"
+        "from medvit.report import main\n"
+        f"main([{str(run)!r}, {str(cv_folder)!r}, '-o', {str(out)!r}, '--no-progress'])\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == []
+    page = Page(out.read_text())
+    assert [s["class"] for s in page.sections] == ["compare", "run", "cv"]
+    assert {f["data-plot"] for f in page.figures} >= RUN_PLOTS

@@ -19,24 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_medmnist_npz
+from conftest import make_medmnist_npz, short_trainer_args
 
-from medvit import cv
 from medvit.cli import main
+from medvit.cv import runner
 from medvit.data.files import DataFileError
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.evaluate import predict
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = [
-    "--model.patch_size=7",
-    "--data.verify_md5=false",
-    "--data.num_workers=0",
-    "--data.global_batch_size=8",
-    "--trainer.limit_train_batches=2",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
+QUICK = short_trainer_args(None, train_batches=2)  # each test sets its own epochs
 
 
 class Payload:
@@ -241,13 +233,13 @@ def test_cv_resume_never_runs_code_from_a_fold_checkpoint(fitted, tmp_path, monk
         return 1
 
     argv = [f"--data.root={data_root}", "--trainer.max_epochs=1", *QUICK]
-    config = cv.resolve_fit_config(argv)  # once: it runs medvit fit --print_config
-    monkeypatch.setattr(cv, "resolve_fit_config", lambda fit_args: config)
+    config = runner.resolve_fit_config(argv)  # once: the config of every fold
+    monkeypatch.setattr(runner, "resolve_fit_config", lambda fit_args: config)
     argv += ["--folds", "2", "--cv-dir", str(tmp_path / "cv")]
     with monkeypatch.context() as patch:
-        patch.setattr(cv, "launch", first_attempt)
-        assert cv.run_cv(argv) == 1
-    assert cv.run_cv(argv) == 1  # a real fold process resumes r0-f0 and refuses its checkpoint
+        patch.setattr(runner, "launch", first_attempt)
+        assert runner.run_cv(argv) == 1
+    assert runner.run_cv(argv) == 1  # a real fold process resumes r0-f0 and refuses its checkpoint
     assert not marker.exists(), "a resumed CV fold ran code from its checkpoint"
     log = (tmp_path / "cv" / "logs" / "r0-f0.log").read_text()
     ckpt = tmp_path / "cv" / "runs" / "r0-f0" / "checkpoints" / "last.ckpt"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from medvit.data import presets
 from medvit.data import transforms as tf
 from medvit.data.transforms import (
     MODALITY_BY_FLAG,
@@ -73,9 +74,9 @@ def test_unknown_flag_names_flag_and_known_flags():
 
 
 def test_preset_table_matches_public_presets():
-    assert set(tf._PRESET_OPS) == set(PRESETS)
+    assert set(presets.PRESET_OPS) == set(PRESETS)
     for preset in RANDOM_PRESETS:
-        libs = {spec.lib for spec in tf._PRESET_OPS[preset]}
+        libs = {spec.lib for spec in presets.PRESET_OPS[preset]}
         assert libs == {"albumentations", "monai"}, preset
 
 
@@ -346,9 +347,9 @@ def test_hed_jitter_more_stain_darkens_moderately():
 def test_hed_stain_matrices_are_scikit_images():
     from skimage.color import hed_from_rgb, rgb_from_hed
 
-    np.testing.assert_allclose(tf._RGB_FROM_HED, rgb_from_hed, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(tf._HE_FROM_RGB, hed_from_rgb[:, :2], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(tf._RGB_FROM_HE, rgb_from_hed[:2], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(presets.RGB_FROM_HED, rgb_from_hed, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(presets.HE_FROM_RGB, hed_from_rgb[:, :2], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(presets.RGB_FROM_HE, rgb_from_hed[:2], rtol=1e-6, atol=1e-7)
 
 
 def test_hed_jitter_equals_scikit_image_rgb2hed_and_hed2rgb():
@@ -449,13 +450,13 @@ PRESET_TABLE = {
 def test_preset_table_has_the_reviewed_probabilities_and_ranges():
     got = {
         preset: [("RGB " if s.colour else "") + str(s) for s in specs]
-        for preset, specs in tf._PRESET_OPS.items()
+        for preset, specs in presets.PRESET_OPS.items()
     }
     assert got.keys() == PRESET_TABLE.keys()
     for preset, want in PRESET_TABLE.items():
         assert got[preset] == want, f"preset {preset!r} changed"
     # The strings name what the library objects are built with, not a stale copy of them.
-    for specs in tf._PRESET_OPS.values():
+    for specs in presets.PRESET_OPS.values():
         for s in specs:
             built = s.build()
             p = built.prob if hasattr(built, "prob") else built.p

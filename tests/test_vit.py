@@ -306,7 +306,7 @@ def test_load_summary_names_loaded_adapted_and_new_tensors(source: dict, capsys)
 
 
 def test_finetune_config_over_the_recipe_keeps_the_pretrained_pos_embed(
-    source: dict, synthetic_root, tmp_path: Path
+    source: dict, synthetic_root, short_trainer, tmp_path: Path
 ):
     """The README's combination: the recipe's sincos must not overwrite pretrained weights."""
     from medvit.cli import MedViTCLI
@@ -322,14 +322,9 @@ def test_finetune_config_over_the_recipe_keeps_the_pretrained_pos_embed(
             f"--model.model_name={TINY}",  # the file's architecture (a small file for the test)
             f"--model.pretrained={source['files']['safetensors']}",
             f"--data.root={root}",
-            "--data.verify_md5=false",
             "--data.img_size=32",
-            "--data.num_workers=0",
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=1",
-            "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false",
             f"--run.root={tmp_path / 'runs'}",
+            *short_trainer(1, train_batches=1, val_batches=1, batch_size=None, patch_size=None),
         ],
         run=False,
     )

@@ -11,22 +11,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
+from conftest import short_trainer_args
 from PIL import Image
 
 from medvit.cli import main
 from medvit.train.wandb_logging import REDACTED, WandbTestMedia, redact_paths
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = [
-    "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=2",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--data.num_workers=0",
-    "--data.global_batch_size=8",
-    "--model.patch_size=7",
-]
+QUICK = short_trainer_args(2, train_batches=2, val_batches=2)
 
 
 # ------------------------------------------------------------------------- offline run reader
@@ -121,7 +113,6 @@ def _fit(tmp_path: Path, root: Path, name: str, *extra: str) -> Path:
             "fit",
             "--data.flag=breastmnist",
             f"--data.root={root}",
-            "--data.verify_md5=false",
             f"--run.dir={run_dir}",
             "--wandb.enabled=true",
             "--wandb.mode=offline",

@@ -6,8 +6,9 @@ with ``MedMNISTDataModule(augment_on="device")`` the workers only read uint8 ima
 :class:`BatchAugment` runs the preset on each batch once it is on the device (the DataModule's
 ``on_after_batch_transfer``). Uint8 batches are also 4x cheaper to move than float32 ones.
 
-There is one preset table, ``transforms._PRESET_OPS``. Each of its entries, an albumentations or
-MONAI op, is instantiated and translated here into a batched torch op. The translation reads the
+There is one preset table, :data:`medvit.data.presets.PRESET_OPS`. Each of its entries, an
+albumentations or MONAI op, is instantiated and translated here into a batched torch op of
+:mod:`medvit.data.batch_ops`. The translation reads the
 parameter ranges from that instance, so the library has already normalised them (``0.1`` becomes
 ``(-0.1, 0.1)``). Per-sample parameters are drawn from the same distributions and applied with
 the same formulas. A preset that uses an op, or an option of an op, with no translation is
@@ -42,288 +43,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medvit.data.transforms import (
-    _HE_FROM_RGB,
-    _PRESET_OPS,
-    _RGB_FROM_HE,
-    HEDJitter,
-    _OpSpec,
-    check_output_args,
-    validate_image,
+from medvit.data.batch_ops import (
+    BatchRandom,
+    adjust_contrast,
+    affine,
+    area_matrix,
+    bias_field,
+    color_jitter,
+    gaussian_smooth,
+    hed_jitter,
+    per_sample,
+    rot90,
 )
+from medvit.data.presets import PRESET_OPS, HEDJitter, OpSpec, Preset
+from medvit.data.transforms import Channels, check_output_args, validate_image
 
 __all__ = [
     "BatchAugment",
-    "BatchRandom",
+    "BatchOp",
     "RawImage",
     "build_batch_transforms",
+    "translate",
 ]
-
-_MASK32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9  # 2**32 / phi: the Weyl increment that spreads consecutive counters
-_GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as cv2.COLOR_RGB2GRAY
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """Low 32 bits of ``x * c`` for x in [0, 2**32), with no int64 overflow on any device."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """The lowbias32 finaliser (C. Wellons): a bijective 32-bit hash with full avalanche."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-_IMAGE_STREAMS = 1 << 20  # offset of the streams that seed noise images
-_GENERATORS: dict[torch.device, torch.Generator] = {}
-
-
-def _generator(device: torch.device) -> torch.Generator:
-    """One reusable generator per device; re-seeding it is cheaper than creating one."""
-    if device not in _GENERATORS:
-        _GENERATORS[device] = torch.Generator(device=device)
-    return _GENERATORS[device]
-
-
-class BatchRandom:
-    """Random numbers for a batch, one independent sequence per sample seed.
-
-    ``uniform`` is counter-based: a hash of (sample seed, stream, counter). ``field`` and
-    ``normal`` draw whole images from torch's generator on the target device, seeded per sample
-    with such a hash. Nothing a sample gets depends on the rest of its batch.
-
-    Args:
-        seeds: (B,) integer tensor of per-sample seeds in [0, 2**32); keep it on the CPU.
-    """
-
-    def __init__(self, seeds: torch.Tensor) -> None:
-        if seeds.ndim != 1 or seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
-            raise ValueError(
-                f"seeds must be a 1-D integer tensor (one per sample), got {seeds.dtype} "
-                f"of shape {tuple(seeds.shape)}."
-            )
-        self.seeds = seeds.to(torch.int64) & _MASK32
-        self.device = seeds.device
-
-    def subset(self, rows: torch.Tensor) -> BatchRandom:
-        """The same sequences for the samples ``rows`` only."""
-        return BatchRandom(self.seeds[rows])
-
-    def _bits(self, stream: int, n: int) -> torch.Tensor:
-        """(B, n) int64 hashes in [0, 2**32)."""
-        key = _mix32((self.seeds + (_mix32(torch.tensor(stream + 1)).item())) & _MASK32)
-        counter = _mul32(torch.arange(n, device=self.device, dtype=torch.int64), _GOLDEN)
-        return _mix32((key[:, None] + counter) & _MASK32)
-
-    def uniform(self, stream: int, n: int) -> torch.Tensor:
-        """(B, n) float32 uniforms in the open interval (0, 1)."""
-        # 23 bits plus a half: exactly representable in float32, so never 0 and never 1.
-        return ((self._bits(stream, n) >> 9).to(torch.float32) + 0.5) * (2.0**-23)
-
-    def _images(
-        self, stream: int, shape: Sequence[int], device: torch.device, fill: Callable
-    ) -> torch.Tensor:
-        out = torch.empty((len(self.seeds), *shape), device=device)
-        gen = _generator(torch.device(device))
-        # A stream of its own, so the generator's seed is not the op's firing coin.
-        keys = self._bits(stream + _IMAGE_STREAMS, 1)[:, 0]
-        for row, key in enumerate(keys.tolist()):
-            gen.manual_seed(key)
-            fill(out[row], gen)
-        return out
-
-    def field(
-        self, stream: int, shape: Sequence[int], low: float, high: float, device: torch.device
-    ) -> torch.Tensor:
-        """(B, *shape) float32 uniforms in [low, high) on ``device``."""
-        return self._images(stream, shape, device, lambda t, g: t.uniform_(low, high, generator=g))
-
-    def normal(self, stream: int, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-        """(B, *shape) standard normal float32 values on ``device``."""
-        return self._images(stream, shape, device, lambda t, g: t.normal_(generator=g))
-
-
-def _per_sample(v: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, 1, 1) for broadcasting over (B, C, H, W)."""
-    return v.view(-1, 1, 1, 1)
 
 
 def _between(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return lo + (hi - lo) * u
-
-
-# ------------------------------------------------------------------ ops with explicit parameters
-def rot90(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Rotate each square image by ``k[b] * 90`` degrees counter-clockwise, like ``np.rot90``."""
-    if x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"RandomRotate90 on a batch needs square images, got {tuple(x.shape)}.")
-    k = _per_sample(k)
-    x_t = x.transpose(-2, -1)
-    out = torch.where(k == 1, x_t.flip(-2), x)
-    out = torch.where(k == 2, x.flip(-2, -1), out)
-    return torch.where(k == 3, x_t.flip(-1), out)
-
-
-def affine(
-    x: torch.Tensor,
-    angle: torch.Tensor,
-    scale_x: torch.Tensor,
-    scale_y: torch.Tensor,
-    shift_x: torch.Tensor,
-    shift_y: torch.Tensor,
-    padding_mode: str = "zeros",
-    fill: float = 0.0,
-) -> torch.Tensor:
-    """Rotate (degrees), scale and shift (fraction of the side) each image about its centre.
-
-    Args:
-        x: (B, C, H, W) float images.
-        angle, scale_x, scale_y, shift_x, shift_y: (B,) parameters per image.
-        padding_mode: ``"zeros"`` (constant ``fill``) or ``"reflection"``.
-        fill: value outside the image for ``"zeros"``, on the image's own scale.
-    """
-    rad = angle * (math.pi / 180.0)
-    cos, sin = torch.cos(rad), torch.sin(rad)
-    # grid_sample maps output to input coordinates in [-1, 1], so invert M = S R and the shift
-    # (a shift of t * side is 2 t in normalised units).
-    inv = torch.stack(
-        [
-            torch.stack([cos / scale_x, sin / scale_x], -1),
-            torch.stack([-sin / scale_y, cos / scale_y], -1),
-        ],
-        -2,
-    )  # (B, 2, 2)
-    shift = torch.stack([2.0 * shift_x, 2.0 * shift_y], -1)  # (B, 2)
-    theta = torch.cat([inv, -(inv @ shift[..., None])], -1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    if padding_mode == "zeros" and fill:
-        return F.grid_sample(x - fill, grid, "bilinear", "zeros", align_corners=False) + fill
-    return F.grid_sample(x, grid, "bilinear", padding_mode, align_corners=False)
-
-
-def grey(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) RGB -> (B, 1, H, W) luma."""
-    w = x.new_tensor(_GREY).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
-
-
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of RGB images in [0, 1] by ``shift`` turns (HSV, as ``cv2``)."""
-    r, g, b = x.unbind(1)
-    v, _ = x.max(1)
-    mn, _ = x.min(1)
-    delta = v - mn
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    h = torch.where(
-        v == r,
-        ((g - b) / safe) % 6.0,
-        torch.where(v == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
-    )
-    h = torch.where(delta > 0, h / 6.0, torch.zeros_like(h))
-    h = (h + shift.view(-1, 1, 1)) % 1.0
-    # HSV -> RGB with the branch-free formula: channel n takes v - delta * clamp(min(k, 4 - k)).
-    out = []
-    for n in (5.0, 3.0, 1.0):
-        k = (n + 6.0 * h) % 6.0
-        out.append(v - delta * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
-    return torch.stack(out, 1)
-
-
-def color_jitter(
-    x: torch.Tensor,
-    brightness: torch.Tensor,
-    contrast: torch.Tensor,
-    saturation: torch.Tensor,
-    hue: torch.Tensor,
-) -> torch.Tensor:
-    """albumentations' ColorJitter formulas on RGB in [0, 1], in this fixed order."""
-    x = (x * _per_sample(brightness)).clamp(0.0, 1.0)
-    mean = _per_sample(grey(x).mean((1, 2, 3)))
-    c = _per_sample(contrast)
-    x = (x * c + mean * (1.0 - c)).clamp(0.0, 1.0)
-    s = _per_sample(saturation)
-    x = (x * s + grey(x) * (1.0 - s)).clamp(0.0, 1.0)
-    return adjust_hue(x, hue).clamp(0.0, 1.0)
-
-
-def hed_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``HEDJitter`` on RGB batches in [0, 1]; ``scale`` and ``shift`` are (B, 2) for H and E."""
-    he_from_rgb = x.new_tensor(_HE_FROM_RGB)  # (3, 2)
-    rgb_from_he = x.new_tensor(_RGB_FROM_HE)  # (2, 3)
-    od = -torch.log((x.clamp(0.0, 1.0) * 255.0 + 1.0) / 256.0).permute(0, 2, 3, 1)  # (B, H, W, 3)
-    conc = od @ he_from_rgb  # (B, H, W, 2)
-    delta = conc * (scale - 1.0)[:, None, None, :] + shift[:, None, None, :]
-    od = od + delta @ rgb_from_he
-    rgb = torch.clamp(torch.exp(-od) * 256.0 - 1.0, 0.0, 255.0) / 255.0
-    return rgb.permute(0, 3, 1, 2)  # (B, 3, H, W)
-
-
-def adjust_contrast(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """MONAI's ``AdjustContrast``: gamma on the image rescaled to its own [min, max]."""
-    lo = x.amin((1, 2, 3), keepdim=True)
-    span = x.amax((1, 2, 3), keepdim=True) - lo
-    return ((x - lo) / (span + 1e-7)) ** _per_sample(gamma) * span + lo
-
-
-def gaussian_kernels(sigma: torch.Tensor, tail: int) -> torch.Tensor:
-    """(B, 2 tail + 1) MONAI ``erf`` Gaussian kernels; taps beyond 4 sigma are ~0."""
-    t = torch.arange(-tail, tail + 1, device=sigma.device, dtype=torch.float32)
-    s = 0.70710678 / sigma.abs()[:, None]
-    return (0.5 * (torch.erf(s * (t + 0.5)) - torch.erf(s * (t - 0.5)))).clamp(min=0)
-
-
-def gaussian_smooth(
-    x: torch.Tensor, sigma_h: torch.Tensor, sigma_w: torch.Tensor, tail: int
-) -> torch.Tensor:
-    """Separable Gaussian blur with a sigma per image, zero padding as MONAI's ``GaussianFilter``."""
-    b, c, h, w = x.shape
-    k_h = gaussian_kernels(sigma_h, tail).repeat_interleave(c, 0)  # (B * C, K)
-    k_w = gaussian_kernels(sigma_w, tail).repeat_interleave(c, 0)
-    # One grouped convolution runs every image with its own kernel.
-    y = x.reshape(1, b * c, h, w)  # (1, B * C, H, W)
-    y = F.conv2d(F.pad(y, (0, 0, tail, tail)), k_h[:, None, :, None], groups=b * c)
-    y = F.conv2d(F.pad(y, (tail, tail, 0, 0)), k_w[:, None, None, :], groups=b * c)
-    return y.view(b, c, h, w)
-
-
-def area_matrix(n_in: int, n_out: int, device: torch.device | None = None) -> torch.Tensor:
-    """(n_out, n_in) weights of OpenCV's INTER_AREA shrink along one axis.
-
-    Each output pixel averages the input pixels under it, weighted by how much of each it
-    covers; ``F.interpolate(mode="area")`` instead pools whole pixels, which differs for
-    non-integer factors.
-    """
-    scale = n_in / n_out
-    lo = torch.arange(n_out, dtype=torch.float64, device=device)[:, None] * scale
-    j = torch.arange(n_in, dtype=torch.float64, device=device)[None, :]
-    overlap = (torch.minimum(lo + scale, j + 1) - torch.maximum(lo, j)).clamp(min=0)
-    return (overlap / scale).to(torch.float32)
-
-
-def _legendre(n: int, degree: int, device: torch.device) -> torch.Tensor:
-    """(degree + 1, n) Legendre polynomials on ``linspace(-1, 1, n)`` (Bonnet's recursion)."""
-    t = torch.linspace(-1.0, 1.0, n, device=device)
-    p = [torch.ones_like(t), t]
-    for k in range(1, degree):
-        p.append(((2 * k + 1) * t * p[k] - k * p[k - 1]) / (k + 1))
-    return torch.stack(p[: degree + 1])
-
-
-def bias_field(x: torch.Tensor, coeff: torch.Tensor, degree: int) -> torch.Tensor:
-    """MONAI's ``RandBiasField`` field for given coefficients: ``x * exp(leggrid2d(...))``."""
-    b, _, h, w = x.shape
-    mat = x.new_zeros(b, degree + 1, degree + 1)
-    rows, cols = np.tril_indices(degree + 1)  # MONAI's coefficient layout
-    mat[:, rows, cols] = coeff
-    field = torch.einsum(
-        "bij,ih,jw->bhw", mat, _legendre(h, degree, x.device), _legendre(w, degree, x.device)
-    )
-    return x * torch.exp(field)[:, None]
 
 
 # ------------------------------------------------------------------------------- random ops
@@ -468,7 +213,7 @@ def _brightness_contrast(op: Any, name: str) -> BatchOp:
     def fn(x: torch.Tensor, u: torch.Tensor, rng: BatchRandom, s: int) -> torch.Tensor:
         alpha = 1.0 + _between(u[:, 1], c_lo, c_hi)
         beta = _between(u[:, 0], b_lo, b_hi)
-        return x * _per_sample(alpha) + _per_sample(beta)
+        return x * per_sample(alpha) + per_sample(beta)
 
     return BatchOp(name, op.p, 2, fn)
 
@@ -506,16 +251,14 @@ def _scale_intensity(op: Any, name: str) -> BatchOp:
     _require(op, name, channel_wise=False)
     lo, hi = _range(op.factors, "factors", name)
     return BatchOp(
-        name, op.prob, 1, lambda x, u, rng, s: x * _per_sample(1.0 + _between(u[:, 0], lo, hi))
+        name, op.prob, 1, lambda x, u, rng, s: x * per_sample(1.0 + _between(u[:, 0], lo, hi))
     )
 
 
 def _shift_intensity(op: Any, name: str) -> BatchOp:
     _require(op, name, channel_wise=False)
     lo, hi = _range(op.offsets, "offsets", name)
-    return BatchOp(
-        name, op.prob, 1, lambda x, u, rng, s: x + _per_sample(_between(u[:, 0], lo, hi))
-    )
+    return BatchOp(name, op.prob, 1, lambda x, u, rng, s: x + per_sample(_between(u[:, 0], lo, hi)))
 
 
 def _gaussian_noise(op: Any, name: str) -> BatchOp:
@@ -524,7 +267,7 @@ def _gaussian_noise(op: Any, name: str) -> BatchOp:
 
     def fn(x: torch.Tensor, u: torch.Tensor, rng: BatchRandom, s: int) -> torch.Tensor:
         # MONAI draws the image's std from U(0, std), then the noise from N(mean, that std).
-        sd = _per_sample(_between(u[:, 0], 0.0, std))
+        sd = per_sample(_between(u[:, 0], 0.0, std))
         return x + mean + sd * rng.normal(s, x.shape[1:], x.device)
 
     return BatchOp(name, op.prob, 1, fn)
@@ -535,7 +278,7 @@ def _rician_noise(op: Any, name: str) -> BatchOp:
     mean, std = float(op.mean), float(op.std)
 
     def fn(x: torch.Tensor, u: torch.Tensor, rng: BatchRandom, s: int) -> torch.Tensor:
-        sd = _per_sample(_between(u[:, 0], 0.0, std))
+        sd = per_sample(_between(u[:, 0], 0.0, std))
         n = rng.normal(s, (2, *x.shape[1:]), x.device)  # (B, 2, C, H, W)
         return torch.sqrt((x + mean + sd * n[:, 0]) ** 2 + (mean + sd * n[:, 1]) ** 2)
 
@@ -586,7 +329,7 @@ _TRANSLATIONS: dict[type, Callable[[Any, str], BatchOp]] = {
 }
 
 
-def translate(spec: _OpSpec) -> BatchOp:
+def translate(spec: OpSpec) -> BatchOp:
     """The batched version of one preset entry; ``ValueError`` if it has none."""
     op = spec.build()
     builder = _TRANSLATIONS.get(type(op))
@@ -605,7 +348,7 @@ class RawImage:
         in_chans: the model's channels, 1 or 3, only to refuse RGB input for a grey model.
     """
 
-    def __init__(self, in_chans: int = 1) -> None:
+    def __init__(self, in_chans: Channels = 1) -> None:
         if isinstance(in_chans, bool) or in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}.")
         self.in_chans = in_chans
@@ -623,26 +366,22 @@ class RawImage:
 class BatchAugment(torch.nn.Module):
     """Device half of ``augment_on="device"``: a preset on uint8 batches, then resize, normalise.
 
-    Args:
-        preset: One of ``PRESETS``.
-        img_size: Output height and width in pixels (>= 8).
-        in_chans: Output channels, 1 or 3; grey batches are repeated to 3 channels.
-        mean: Normalisation mean on the [0, 1] scale, length 1 or ``in_chans``.
-        std: Normalisation std on the [0, 1] scale, length 1 or ``in_chans``, all > 0.
+    The arguments are :class:`~medvit.data.transforms.MedTransform`'s, without ``train`` (this
+    is the training transform) and ``seed`` (the training sampler seeds each sample).
     """
 
     def __init__(
         self,
-        preset: str,
+        preset: Preset,
         img_size: int,
-        in_chans: int = 1,
+        in_chans: Channels = 1,
         mean: Sequence[float] = (0.5,),
         std: Sequence[float] = (0.5,),
     ) -> None:
         super().__init__()
         mean_arr, inv_std = check_output_args(preset, img_size, in_chans, mean, std)
         self.preset, self.img_size, self.in_chans = preset, int(img_size), int(in_chans)
-        self.ops = [translate(spec) for spec in _PRESET_OPS[preset]]
+        self.ops = [translate(spec) for spec in PRESET_OPS[preset]]
         self.register_buffer("mean", torch.from_numpy(mean_arr).view(1, -1, 1, 1), persistent=False)
         self.register_buffer(
             "inv_std", torch.from_numpy(inv_std).view(1, -1, 1, 1), persistent=False
@@ -698,20 +437,15 @@ class BatchAugment(torch.nn.Module):
 
 
 def build_batch_transforms(
-    preset: str,
+    preset: Preset,
     img_size: int,
-    in_chans: int = 1,
+    in_chans: Channels = 1,
     mean: Sequence[float] = (0.5,),
     std: Sequence[float] = (0.5,),
 ) -> tuple[RawImage, BatchAugment]:
     """The two halves of on-device augmentation for a preset: worker side and device side.
 
-    Args:
-        preset: One of ``PRESETS`` (``preset_for_flag`` maps a MedMNIST flag to one).
-        img_size: Output height and width in pixels (>= 8).
-        in_chans: Model input channels, 1 or 3.
-        mean: Normalisation mean on the [0, 1] scale, length 1 or ``in_chans``.
-        std: Normalisation std on the [0, 1] scale, length 1 or ``in_chans``.
+    The arguments are :class:`BatchAugment`'s.
 
     Returns:
         ``(RawImage, BatchAugment)``: per-sample uint8 conversion, batched augmentation.

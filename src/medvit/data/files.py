@@ -1,5 +1,8 @@
 """MedMNIST files on disk: locating, downloading, MD5 checks and memory-mapped copies.
 
+Downloads go through torchvision's ``download_url`` and ``check_integrity``; what this module
+adds is atomicity, a timeout and messages that say where to put a file by hand.
+
 A 224 px MedMNIST set is tens of GB once decoded, so nothing here decodes a whole split into
 RAM: the `.npy` members of the `.npz` archive are streamed once into a cache folder and then
 opened with ``np.load(mmap_mode="r")``, which DataLoader workers share through the page cache.
@@ -9,16 +12,18 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import http.client
 import json
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +40,14 @@ class DataFileError(ValueError):
     """A data file is missing, corrupt or not in the MedMNIST format."""
 
 
+def size_suffix(size: int) -> str:
+    """MedMNIST's suffix for an image size, in file names and ``INFO`` keys: none for 28 px."""
+    return "" if size == 28 else f"_{size}"
+
+
 def file_name(flag: str, size: int) -> str:
-    """MedMNIST's file naming: the 28 px file has no size suffix."""
-    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+    """MedMNIST's file name for a flag at a size, e.g. ``pathmnist_224.npz``."""
+    return f"{flag}{size_suffix(size)}.npz"
 
 
 def md5sum(path: Path, progress: bool = True) -> str:
@@ -60,37 +70,54 @@ def md5sum(path: Path, progress: bool = True) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """Give new sockets a timeout: torchvision's ``download_url`` opens its connections without
+    one, so a server that stops answering would hang the run instead of failing."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def download(url: str, dest: Path, md5: str | None, timeout: float = 15.0) -> Path:
-    """Download ``url`` to ``dest`` atomically, with a progress bar, and check its MD5.
+    """Download ``url`` to ``dest`` with torchvision's ``download_url``, and check its MD5.
+
+    The bytes go to ``dest.part``, which becomes ``dest`` only once complete and checked, so an
+    interrupted or refused download never leaves a half-written file at ``dest``.
 
     Raises:
         DataFileError: when the server cannot be reached (naming the URL and where to put the
             file by hand) or the downloaded bytes have the wrong MD5.
     """
+    # torchvision imports torch: only pay for it when there is something to download.
+    from torchvision.datasets.utils import check_integrity, download_url
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
+    # download_url keeps an existing file when no MD5 is given: not a .part a killed run left.
+    tmp.unlink(missing_ok=True)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
-                while chunk := resp.read(_CHUNK):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as err:
+        with _socket_timeout(timeout):
+            download_url(url, str(tmp.parent), tmp.name)
+    except (OSError, http.client.HTTPException, RecursionError) as err:
+        # OSError covers URLError, refused connections and timeouts; HTTPException a connection
+        # cut mid-body; RecursionError a redirect loop.
         tmp.unlink(missing_ok=True)
         raise DataFileError(
             f"Could not download {dest.name} from {url} ({err}). Without network access, "
             f"download it elsewhere and put it at {dest}, or point --data.root (or the "
             f"MEDVIT_DATA_DIR environment variable) at a folder that holds it."
         ) from err
-    if md5 is not None:
+    if md5 is not None and not check_integrity(str(tmp), md5):
         got = md5sum(tmp)
-        if got != md5:
-            tmp.unlink(missing_ok=True)
-            raise DataFileError(
-                f"{url} downloaded with MD5 {got}, expected {md5}; the file was discarded. "
-                "Try again, or download it by hand."
-            )
+        tmp.unlink(missing_ok=True)
+        raise DataFileError(
+            f"{url} downloaded with MD5 {got}, expected {md5}; the file was discarded. "
+            "Try again, or download it by hand."
+        )
     os.replace(tmp, dest)
     return dest
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import numpy as np
@@ -15,9 +14,11 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from medmnist import INFO
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medvit.data.batch_transforms import BatchAugment, build_batch_transforms
+from medvit.data.checks import check_arrays, check_split_sizes, class_counts
+from medvit.data.dataset import MedMNISTSplit, SeededDistributedSampler
 from medvit.data.files import (
     SPLITS,
     DataFileError,
@@ -26,12 +27,16 @@ from medvit.data.files import (
     file_name,
     mmap_dir_for,
     open_arrays,
+    size_suffix,
     verify_md5,
 )
-from medvit.data.transforms import build_transforms, preset_for_flag
+from medvit.data.presets import Preset, preset_for_flag
+from medvit.data.transforms import Channels, build_transforms
 from medvit.runs import read_folds
 
-SIZES = (28, 64, 128, 224)
+#: Image sizes MedMNIST publishes each 2D set at.
+Size = Literal[28, 64, 128, 224]
+SIZES: tuple[int, ...] = get_args(Size)
 TASKS = {
     "binary-class": "binary",
     "multi-class": "multiclass",
@@ -39,111 +44,18 @@ TASKS = {
     "ordinal-regression": "ordinal",
 }
 FLAGS_2D = tuple(flag for flag in INFO if not flag.endswith("3d"))
-AUGMENT_ON = ("workers", "device")
+#: Where training augmentation runs (see ``MedMNISTDataModule``).
+AugmentOn = Literal["workers", "device"]
+AUGMENT_ON: tuple[str, ...] = get_args(AugmentOn)
 # The positive class of each binary set: the finding a clinician screens for, so sensitivity is
 # its detection rate. MedMNIST's own label order puts it at 0 for BreastMNIST (0 malignant,
 # 1 normal/benign) and at 1 for PneumoniaMNIST (0 normal, 1 pneumonia).
 POSITIVE_CLASS = {"breastmnist": "malignant", "pneumoniamnist": "pneumonia"}
-#: Fewer samples than this in a split is refused before training: nothing to learn or measure.
-MIN_SPLIT_SIZE = 2
 
 
 def default_root() -> str:
     """Where MedMNIST files live unless ``--data.root`` says otherwise."""
     return os.environ.get("MEDVIT_DATA_DIR", "data")
-
-
-class MedMNISTSplit(Dataset):
-    """Images and labels of one or more (split, indices) sources of a memory-mapped MedMNIST set.
-
-    Items are ``(image, target, index)``, where ``index`` is the item's position in this dataset
-    (for an official split, its index in that split), so predictions can be matched back. With
-    ``return_seed`` (augmentation on the device) a training item also carries its augmentation
-    seed: ``(image, target, index, seed)``.
-    The arrays are opened lazily in each process: a pickled memmap would copy the whole split.
-    """
-
-    def __init__(
-        self,
-        folder: Path,
-        sources: Sequence[tuple[str, np.ndarray]],
-        transform: Any,
-        multilabel: bool,
-        return_seed: bool = False,
-    ) -> None:
-        self.folder = Path(folder)
-        self.transform = transform
-        self.multilabel = multilabel
-        self.return_seed = return_seed
-        self._split_of = np.concatenate(
-            [np.full(len(idx), SPLITS.index(split), dtype=np.int8) for split, idx in sources]
-        )
-        self._index_of = np.concatenate([np.asarray(idx, dtype=np.int64) for _, idx in sources])
-        self._arrays: dict[str, np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return len(self._index_of)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_arrays"] = None
-        return state
-
-    def _array(self, key: str) -> np.ndarray:
-        if self._arrays is None:
-            self._arrays = {
-                k: np.load(self.folder / f"{k}.npy", mmap_mode="r", allow_pickle=False)
-                for s in SPLITS
-                for k in (f"{s}_images", f"{s}_labels")
-            }
-        return self._arrays[key]
-
-    def labels(self) -> np.ndarray:
-        """All labels in dataset order, shape (N, 1) or (N, L) for multi-label."""
-        out = []
-        for split in SPLITS:
-            mask = self._split_of == SPLITS.index(split)
-            if mask.any():
-                out.append(np.asarray(self._array(f"{split}_labels")[self._index_of[mask]]))
-        return np.concatenate(out) if out else np.empty((0, 1), dtype=np.int64)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, ...]:
-        # Training samplers pass (index, augmentation seed): a sample's augmentation then depends
-        # only on (seed, epoch, index), not on the worker or rank that happens to load it.
-        i, seed = key if isinstance(key, tuple) else (key, None)
-        if self.return_seed:
-            if seed is None:
-                raise ValueError(
-                    "augmentation on the device needs the (index, seed) keys of "
-                    "SeededDistributedSampler; this dataset was indexed with a plain index."
-                )
-        elif seed is not None:
-            self.transform.set_random_state(seed)
-        split = SPLITS[self._split_of[i]]
-        j = int(self._index_of[i])
-        image = np.asarray(self._array(f"{split}_images")[j])
-        label = np.asarray(self._array(f"{split}_labels")[j])
-        if self.multilabel:
-            target = torch.from_numpy(label.astype(np.float32))
-        else:
-            target = torch.tensor(int(label.reshape(-1)[0]), dtype=torch.long)
-        if self.return_seed:
-            return self.transform(image), target, i, seed
-        return self.transform(image), target, i
-
-
-class SeededDistributedSampler(DistributedSampler):
-    """Shuffling sampler yielding ``(index, augmentation_seed)``, identical on 1 or N ranks.
-
-    With one rank it visits the same permutation as N ranks together, so a global batch holds
-    the same samples whatever the device count; each sample's augmentation seed is a function
-    of (seed, epoch, index). Together these make a DDP run reproduce a single-device run.
-    """
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in super().__iter__():
-            mixed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
-            yield index, int(mixed)
 
 
 class MedMNISTDataModule(L.LightningDataModule):
@@ -195,14 +107,14 @@ class MedMNISTDataModule(L.LightningDataModule):
     def __init__(
         self,
         flag: str = "breastmnist",
-        size: int = 28,
+        size: Size = 28,
         root: str | None = None,
         global_batch_size: int = 64,
         num_workers: int = 2,
-        in_chans: int | None = None,
+        in_chans: Channels | None = None,
         img_size: int | None = None,
-        augmentation: str | None = None,
-        augment_on: str = "workers",
+        augmentation: Preset | None = None,
+        augment_on: AugmentOn = "workers",
         mean: list[float] | None = None,
         std: list[float] | None = None,
         download: bool = True,
@@ -305,15 +217,13 @@ class MedMNISTDataModule(L.LightningDataModule):
 
     @property
     def url(self) -> str:
-        suffix = "" if self.hparams.size == 28 else f"_{self.hparams.size}"
         if self.hparams.base_url:
             return f"{self.hparams.base_url.rstrip('/')}/{self.path.name}"
-        return self.info[f"url{suffix}"]
+        return self.info[f"url{size_suffix(self.hparams.size)}"]
 
     @property
     def md5(self) -> str:
-        suffix = "" if self.hparams.size == 28 else f"_{self.hparams.size}"
-        return self.info[f"MD5{suffix}"]
+        return self.info[f"MD5{size_suffix(self.hparams.size)}"]
 
     def _cache_root(self) -> Path:
         if self.hparams.cache_dir:
@@ -371,86 +281,16 @@ class MedMNISTDataModule(L.LightningDataModule):
         with self._cache_errors(cache_root):
             folder = extract_npz(path, mmap_dir_for(path, cache_root))
         arrays = open_arrays(folder, path)
-        self._validate(arrays)
-        self._check_split_sizes(arrays)
-        # Official sizes when the MD5 was checked (_validate insists), the file's own otherwise.
+        official = self.hparams.verify_md5
+        check_arrays(
+            arrays, path, self.hparams.flag, self.hparams.size, self.info, self.task, official
+        )
+        check_split_sizes(
+            arrays, path, self.task, self.class_names, warn_missing=self.hparams.folds_file is None
+        )
+        # Official sizes when the MD5 was checked (check_arrays insists), the file's own otherwise.
         self._split_sizes = {split: len(arrays[f"{split}_labels"]) for split in SPLITS}
         return folder
-
-    def _validate(self, arrays: dict[str, np.ndarray]) -> None:
-        """Refuse a file whose shapes, dtypes or labels do not fit this flag, naming the key."""
-        path, flag, size = self.path, self.hparams.flag, self.hparams.size
-        channels = self.info["n_channels"]
-        expected_img = (size, size) if channels == 1 else (size, size, 3)
-        n_labels = self.num_classes if self.task == "multilabel" else 1
-        for split in SPLITS:
-            images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-            key = f"{split}_images"
-            if images.dtype != np.uint8 or images.shape[1:] != expected_img:
-                raise DataFileError(
-                    f"{path}: '{key}' has shape {images.shape} and dtype {images.dtype}; "
-                    f"{flag} at size {size} needs (N, {', '.join(map(str, expected_img))}) uint8."
-                )
-            key = f"{split}_labels"
-            if labels.ndim != 2 or labels.shape != (len(images), n_labels):
-                raise DataFileError(
-                    f"{path}: '{key}' has shape {labels.shape}; expected ({len(images)}, "
-                    f"{n_labels}) to match '{split}_images'."
-                )
-            if not np.issubdtype(labels.dtype, np.integer):
-                raise DataFileError(f"{path}: '{key}' has dtype {labels.dtype}; expected integers.")
-            lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
-            top = 1 if self.task == "multilabel" else self.num_classes - 1
-            if lo < 0 or hi > top:
-                raise DataFileError(
-                    f"{path}: '{key}' holds values in [{lo}, {hi}]; {flag} labels must lie in "
-                    f"[0, {top}] ({self.task} task)."
-                )
-            official = self.info["n_samples"][split]
-            if self.hparams.verify_md5 and len(images) != official:
-                raise DataFileError(
-                    f"{path}: '{split}' has {len(images)} samples; the official split has {official}."
-                )
-
-    def _check_split_sizes(self, arrays: dict[str, np.ndarray]) -> None:
-        """Refuse an empty or too small split; warn when val or test lacks a class.
-
-        Only a file of one's own (``verify_md5`` off) can get here with such splits: the official
-        sizes are checked in :meth:`_validate`. Training on an empty split would "succeed" and
-        report an untrained model's metrics.
-        """
-        counts = {split: self._class_counts(arrays[f"{split}_labels"]) for split in SPLITS}
-        sizes = {split: len(arrays[f"{split}_labels"]) for split in SPLITS}
-        small = [s for s in SPLITS if sizes[s] < MIN_SPLIT_SIZE]
-        if small:
-            detail = "; ".join(
-                f"{split}: {sizes[split]} ({', '.join(map(str, counts[split].tolist()))})"
-                for split in SPLITS
-            )
-            per = "positives per label" if self.task == "multilabel" else "per class"
-            raise DataFileError(
-                f"{self.path}: the {' and '.join(small)} split(s) hold fewer than "
-                f"{MIN_SPLIT_SIZE} samples, too few to train and evaluate. Samples per split "
-                f"({per} in brackets): {detail}."
-            )
-        if self.hparams.folds_file is not None:
-            return  # validation comes from the CV folds, not the official val split
-        for split in ("val", "test"):
-            missing = [self.class_names[i] for i in np.flatnonzero(counts[split] == 0)]
-            if missing:
-                warnings.warn(
-                    f"{self.path}: the {split} split has no samples of {missing} "
-                    f"({sizes[split]} samples; per class: {counts[split].tolist()}); "
-                    f"{split} AUROC will be undefined (NaN) for "
-                    f"{'those labels' if self.task == 'multilabel' else 'these classes'}.",
-                    stacklevel=2,
-                )
-
-    def _class_counts(self, labels: np.ndarray) -> np.ndarray:
-        labels = np.asarray(labels)
-        if self.task == "multilabel":
-            return labels.sum(0).astype(np.int64)
-        return np.bincount(labels.reshape(-1).astype(np.int64), minlength=self.num_classes)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the split datasets (every rank) and the per-device batch size."""
@@ -542,10 +382,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         data = {"train": self.data_train, "val": self.data_val, "test": self.data_test}[stage]
         if data is None:
             raise RuntimeError(f"call setup() before class_counts('{stage}')")
-        labels = data.labels()
-        if self.task == "multilabel":
-            return labels.sum(0)
-        return np.bincount(labels.reshape(-1), minlength=self.num_classes)
+        return class_counts(data.labels(), self.task, self.num_classes)
 
     # ---------------------------------------------------------------------------- dataloaders
     def _loader(self, data: Dataset, train: bool) -> DataLoader:

@@ -1,8 +1,9 @@
-"""Modality-aware augmentation presets for MedMNIST 2D images.
+"""The per-image transform: a preset run in the DataLoader workers, then resize and normalise.
 
 ``build_transforms`` is the single entry point, in the spirit of timm's ``create_transform``: it
-maps a preset name (see ``PRESETS``; ``preset_for_flag`` picks one for a MedMNIST flag) to a
-``MedTransform`` that turns a uint8 image into a normalised float32 tensor ready for a ViT.
+maps a preset name (see :mod:`medvit.data.presets`; ``preset_for_flag`` picks one for a MedMNIST
+flag) to a ``MedTransform`` that turns a uint8 image into a normalised float32 tensor ready for
+a ViT.
 
 Library split: albumentations runs first on the uint8 HWC image (geometry, photographic colour,
 H&E stain jitter, speckle), MONAI runs second on the float32 channel-first image in [0, 1]
@@ -11,24 +12,26 @@ H&E stain jitter, speckle), MONAI runs second on the float32 channel-first image
 
 from __future__ import annotations
 
-import os
+import random
+from collections.abc import Sequence
+from typing import Any, Literal
 
-# albumentations pings PyPI for a newer version on import; that stalls every DataLoader worker on
-# offline or firewalled clusters, so opt out unless the user has decided otherwise.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A
+import cv2
+import monai.transforms as mt
+import numpy as np
+import torch
+from monai.data import get_track_meta, set_track_meta
 
-import random  # noqa: E402
-from collections.abc import Callable, Mapping, Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Literal  # noqa: E402
-
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import monai.transforms as mt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from albumentations.core.transforms_interface import BaseTransformInitSchema  # noqa: E402
-from monai.data import get_track_meta, set_track_meta  # noqa: E402
+from medvit.data.presets import (
+    MODALITY_BY_FLAG,
+    PRESET_OPS,
+    PRESETS,
+    HEDJitter,
+    OpSpec,
+    Preset,
+    preset_for_flag,
+)
 
 __all__ = [
     "MODALITY_BY_FLAG",
@@ -41,298 +44,11 @@ __all__ = [
     "validate_image",
 ]
 
-PRESETS: tuple[str, ...] = (
-    "none",
-    "chest_xray",
-    "ultrasound",
-    "dermoscopy",
-    "fundus",
-    "histopathology",
-    "ct",
-    "oct",
-    "microscopy",
-)
-
-MODALITY_BY_FLAG: dict[str, str] = {
-    "pathmnist": "histopathology",
-    "chestmnist": "chest_xray",
-    "dermamnist": "dermoscopy",
-    "octmnist": "oct",
-    "pneumoniamnist": "chest_xray",
-    "retinamnist": "fundus",
-    "breastmnist": "ultrasound",
-    # Wright-Giemsa smears are not H&E, but HED-space jitter is still the closest stain model.
-    "bloodmnist": "histopathology",
-    # Grey kidney cortex microscopy: no stain to jitter, rotation-invariant like other microscopy.
-    "tissuemnist": "microscopy",
-    "organamnist": "ct",
-    "organcmnist": "ct",
-    "organsmnist": "ct",
-}
+#: Model input channels: grey, or RGB (grey images are repeated to 3 channels).
+Channels = Literal[1, 3]
 
 _MIN_IMG_SIZE = 8
 _SEED_BOUND = 2**32  # MONAI's MAX_SEED; keeps default seeds valid for every backend
-
-
-def preset_for_flag(flag: str) -> str:
-    """Return the augmentation preset for a MedMNIST 2D dataset flag such as ``"pathmnist"``.
-
-    Args:
-        flag: MedMNIST dataset flag (case-insensitive).
-
-    Raises:
-        ValueError: If the flag is not a known MedMNIST 2D flag.
-    """
-    key = flag.strip().lower() if isinstance(flag, str) else flag
-    if key not in MODALITY_BY_FLAG:
-        raise ValueError(
-            f"Unknown MedMNIST 2D flag {flag!r}; known flags: {', '.join(MODALITY_BY_FLAG)}."
-        )
-    return MODALITY_BY_FLAG[key]
-
-
-# Ruifrok & Johnston (2001) stain optical-density vectors, rows H, E, DAB (as skimage.color).
-_RGB_FROM_HED = np.array(
-    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64
-)
-# Only the H and E columns/rows are needed: DAB and the model residual are left untouched.
-_HE_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)[:, :2].astype(np.float32)
-_RGB_FROM_HE = _RGB_FROM_HED[:2].astype(np.float32)
-# Optical density per uint8 level, offset by one so black stays finite and 255 maps to 0.
-_OD_LUT = (-np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
-
-
-class HEDJitter(A.ImageOnlyTransform):
-    """H&E stain jitter (Tellez et al. 2018) that leaves unjittered colour exactly unchanged.
-
-    Each image draws one scale and one shift per stain; the H and E concentrations of every
-    pixel become ``c * scale + shift`` in Ruifrok-Johnston optical-density space. Only the change
-    is added back to the pixel's optical density, so the part of the colour the two-stain model
-    cannot explain is preserved. (``A.HEStain`` in albumentations 2.0.x instead rebuilds pixels
-    from their two-stain projection, which shifts colours even at zero jitter: eosin pink
-    (230, 150, 190) comes back as (215, 148, 229) with its "standard" matrix.)
-
-    Args:
-        scale_range: Range of the multiplicative factor per stain.
-        shift_range: Range of the additive optical-density offset per stain.
-        p: Probability of applying the transform.
-    """
-
-    class InitSchema(BaseTransformInitSchema):
-        scale_range: tuple[float, float]
-        shift_range: tuple[float, float]
-
-    def __init__(
-        self,
-        scale_range: tuple[float, float] = (0.9, 1.1),
-        shift_range: tuple[float, float] = (-0.03, 0.03),
-        p: float = 0.5,
-    ) -> None:
-        super().__init__(p=p)
-        self.scale_range = scale_range
-        self.shift_range = shift_range
-
-    def get_params(self) -> dict[str, np.ndarray]:
-        """Draw per-stain scale and shift for H and E."""
-        return {
-            "scale": self.random_generator.uniform(*self.scale_range, size=2),
-            "shift": self.random_generator.uniform(*self.shift_range, size=2),
-        }
-
-    def apply(
-        self, img: np.ndarray, scale: np.ndarray, shift: np.ndarray, **params: Any
-    ) -> np.ndarray:
-        """Jitter the H and E concentrations of an RGB uint8 or [0, 1] float image."""
-        if img.ndim != 3 or img.shape[-1] != 3:
-            raise ValueError(f"HEDJitter needs an RGB (H, W, 3) image, got shape {img.shape}.")
-        is_uint8 = img.dtype == np.uint8
-        if is_uint8:
-            od = _OD_LUT[img]
-        else:
-            od = -np.log((np.clip(img, 0.0, 1.0).astype(np.float32) * 255.0 + 1.0) / 256.0)
-        od = od.reshape(-1, 3)
-        conc = od @ _HE_FROM_RGB
-        delta = conc * (scale - 1.0).astype(np.float32) + shift.astype(np.float32)
-        od = od + delta @ _RGB_FROM_HE
-        rgb = np.clip(np.exp(-od) * 256.0 - 1.0, 0.0, 255.0).reshape(img.shape)
-        if is_uint8:
-            return np.rint(rgb).astype(np.uint8)
-        return (rgb / 255.0).astype(img.dtype)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        """Names used by albumentations' repr and serialisation."""
-        return ("scale_range", "shift_range")
-
-
-@dataclass(frozen=True)
-class _OpSpec:
-    """Recipe for one random op: kept as data so pipelines can be rebuilt, filtered and printed."""
-
-    lib: Literal["albumentations", "monai"]
-    cls: Callable[..., Any]
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    colour: bool = False  # needs a 3-channel colour image; dropped for grey input
-
-    def build(self) -> Any:
-        """Instantiate the op."""
-        return self.cls(**self.kwargs)
-
-    def __str__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
-        return f"{self.cls.__name__}({args})"
-
-
-def _alb(cls: Callable[..., Any], colour: bool = False, **kwargs: Any) -> _OpSpec:
-    return _OpSpec("albumentations", cls, kwargs, colour)
-
-
-def _mon(cls: Callable[..., Any], **kwargs: Any) -> _OpSpec:
-    return _OpSpec("monai", cls, kwargs)
-
-
-def _radiology_affine(p: float) -> _OpSpec:
-    # Radiology: small rotation/scale/shift only; black fill matches air/collimator borders.
-    return _alb(
-        A.Affine,
-        rotate=(-10, 10),
-        scale=(0.9, 1.1),
-        translate_percent=(-0.05, 0.05),
-        border_mode=cv2.BORDER_CONSTANT,
-        fill=0,
-        p=p,
-    )
-
-
-# Strengths are deliberately moderate: MedMNIST images are often 28x28, where a 1-px shift is 4%
-# and a sigma-1 blur erases most structure. Within a preset all albumentations ops run before all
-# MONAI ops (uint8 stage, then float stage), so list them in that order to keep the table honest.
-_PRESET_OPS: dict[str, tuple[_OpSpec, ...]] = {
-    "none": (),
-    # Lateralised anatomy: never flip; contrast/exposure and quantum-noise jitter.
-    "chest_xray": (
-        _radiology_affine(p=0.7),
-        _mon(mt.RandAdjustContrast, prob=0.3, gamma=(0.8, 1.25)),
-        _mon(mt.RandScaleIntensity, factors=0.1, prob=0.3),
-        _mon(mt.RandShiftIntensity, offsets=0.05, prob=0.3),
-        _mon(mt.RandGaussianNoise, prob=0.2, std=0.02),
-        _mon(mt.RandGaussianSmooth, sigma_x=(0.25, 0.6), sigma_y=(0.25, 0.6), prob=0.1),
-    ),
-    # Lateralised anatomy (organ{a,c,s}mnist); scale/shift emulate window level/width jitter.
-    "ct": (
-        _radiology_affine(p=0.7),
-        _mon(mt.RandScaleIntensity, factors=0.1, prob=0.4),
-        _mon(mt.RandShiftIntensity, offsets=0.05, prob=0.4),
-        _mon(mt.RandAdjustContrast, prob=0.2, gamma=(0.85, 1.15)),
-        _mon(mt.RandGaussianNoise, prob=0.2, std=0.02),
-        _mon(mt.RandGaussianSmooth, sigma_x=(0.25, 0.6), sigma_y=(0.25, 0.6), prob=0.1),
-    ),
-    # Probe orientation is arbitrary left-right but depth runs top-down: h-flip only; speckle is
-    # multiplicative (albumentations) plus Rician magnitude noise (MONAI); gain via gamma.
-    "ultrasound": (
-        _alb(A.HorizontalFlip, p=0.5),
-        _radiology_affine(p=0.5),
-        _alb(A.MultiplicativeNoise, multiplier=(0.85, 1.15), elementwise=True, p=0.3),
-        _mon(mt.RandRicianNoise, prob=0.2, std=0.03),
-        _mon(mt.RandGaussianSmooth, sigma_x=(0.25, 0.75), sigma_y=(0.25, 0.75), prob=0.2),
-        _mon(mt.RandAdjustContrast, prob=0.3, gamma=(0.8, 1.25)),
-    ),
-    # Retinal OCT B-scans: layers run horizontally, so h-flip and a small tilt but no v-flip.
-    "oct": (
-        _alb(A.HorizontalFlip, p=0.5),
-        _alb(
-            A.Affine,
-            rotate=(-8, 8),
-            scale=(0.9, 1.1),
-            translate_percent=(-0.05, 0.05),
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            p=0.5,
-        ),
-        _alb(A.MultiplicativeNoise, multiplier=(0.85, 1.15), elementwise=True, p=0.3),
-        _mon(mt.RandRicianNoise, prob=0.2, std=0.03),
-        _mon(mt.RandGaussianSmooth, sigma_x=(0.25, 0.75), sigma_y=(0.25, 0.75), prob=0.2),
-        _mon(mt.RandAdjustContrast, prob=0.3, gamma=(0.8, 1.25)),
-    ),
-    # Lesions have no canonical orientation: full dihedral group; reflect padding avoids
-    # black-corner shortcuts; colour jitter covers camera/illumination differences.
-    "dermoscopy": (
-        _alb(A.HorizontalFlip, p=0.5),
-        _alb(A.VerticalFlip, p=0.5),
-        _alb(A.RandomRotate90, p=0.5),
-        _alb(
-            A.Affine,
-            rotate=(-20, 20),
-            scale=(0.9, 1.1),
-            translate_percent=(-0.05, 0.05),
-            border_mode=cv2.BORDER_REFLECT_101,
-            p=0.5,
-        ),
-        _alb(
-            A.ColorJitter,
-            colour=True,
-            brightness=0.2,
-            contrast=0.2,
-            saturation=0.2,
-            hue=0.02,
-            p=0.5,
-        ),
-        _mon(mt.RandGaussianSmooth, sigma_x=(0.25, 0.6), sigma_y=(0.25, 0.6), prob=0.1),
-    ),
-    # Fundus photos sit in a black circle: any rotation with black fill is realistic; mild colour
-    # only, since hue carries diagnostic signal (haemorrhages, exudates).
-    "fundus": (
-        _alb(A.HorizontalFlip, p=0.5),
-        _alb(A.VerticalFlip, p=0.5),
-        _alb(
-            A.Affine,
-            rotate=(-180, 180),
-            scale=(0.95, 1.05),
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            p=0.7,
-        ),
-        _alb(A.RandomBrightnessContrast, brightness_limit=0.2, contrast_limit=0.2, p=0.5),
-        _alb(
-            A.ColorJitter,
-            colour=True,
-            brightness=0,
-            contrast=0,
-            saturation=0.1,
-            hue=0.02,
-            p=0.3,
-        ),
-        _mon(mt.RandGaussianSmooth, sigma_x=(0.25, 0.6), sigma_y=(0.25, 0.6), prob=0.1),
-    ),
-    # Tiles are rotation-invariant; stain variation between labs is the dominant domain shift, so
-    # jitter H and E concentrations (Tellez-style HED jitter) plus a light colour jitter.
-    "histopathology": (
-        _alb(A.HorizontalFlip, p=0.5),
-        _alb(A.VerticalFlip, p=0.5),
-        _alb(A.RandomRotate90, p=0.5),
-        _alb(HEDJitter, colour=True, scale_range=(0.9, 1.1), shift_range=(-0.03, 0.03), p=0.5),
-        _alb(
-            A.ColorJitter,
-            colour=True,
-            brightness=0.1,
-            contrast=0.1,
-            saturation=0.1,
-            hue=0.02,
-            p=0.3,
-        ),
-        _mon(mt.RandGaussianSmooth, sigma_x=(0.25, 0.6), sigma_y=(0.25, 0.6), prob=0.1),
-    ),
-    # Grey microscopy: rotation-invariant; uneven illumination (bias field), exposure, shot noise.
-    "microscopy": (
-        _alb(A.HorizontalFlip, p=0.5),
-        _alb(A.VerticalFlip, p=0.5),
-        _alb(A.RandomRotate90, p=0.5),
-        _alb(A.Affine, scale=(0.9, 1.1), border_mode=cv2.BORDER_REFLECT_101, p=0.3),
-        _mon(mt.RandBiasField, coeff_range=(0.0, 0.05), prob=0.2),
-        _mon(mt.RandAdjustContrast, prob=0.3, gamma=(0.8, 1.25)),
-        _mon(mt.RandGaussianNoise, prob=0.2, std=0.02),
-        _mon(mt.RandGaussianSmooth, sigma_x=(0.25, 0.6), sigma_y=(0.25, 0.6), prob=0.1),
-    ),
-}
 
 
 def _stats(name: str, values: Sequence[float], in_chans: int) -> np.ndarray:
@@ -392,22 +108,22 @@ class MedTransform:
     ``torch.manual_seed``.
 
     Args:
-        preset: One of ``PRESETS``.
+        preset: One of ``PRESETS`` (``preset_for_flag`` maps a MedMNIST flag to one).
         img_size: Output height and width in pixels (>= 8).
         train: Apply the preset's random augmentation; ``False`` is fully deterministic.
         in_chans: Output channels, 1 or 3; grey input is repeated to 3 channels.
         mean: Normalisation mean on the [0, 1] scale, length 1 or ``in_chans``.
         std: Normalisation std on the [0, 1] scale, length 1 or ``in_chans``, all > 0.
         seed: Seed for the random ops; ``None`` draws one from the global torch RNG (only if
-            there are random ops).
+            there are random ops), so ``torch.manual_seed`` makes construction reproducible.
     """
 
     def __init__(
         self,
-        preset: str,
+        preset: Preset,
         img_size: int,
         train: bool,
-        in_chans: int = 1,
+        in_chans: Channels = 1,
         mean: Sequence[float] = (0.5,),
         std: Sequence[float] = (0.5,),
         seed: int | None = None,
@@ -418,7 +134,7 @@ class MedTransform:
         self.img_size = int(img_size)
         self.in_chans = int(in_chans)
 
-        specs = _PRESET_OPS[preset] if self.train else ()
+        specs = PRESET_OPS[preset] if self.train else ()
         self._specs = specs
         # Separate grey pipeline without colour ops; both share one RNG so the stream is defined
         # by call order alone. Built once here: constructing ops per call is too slow in workers.
@@ -436,7 +152,7 @@ class MedTransform:
         self.set_random_state(seed)
 
     @staticmethod
-    def _albumentations(specs: Sequence[_OpSpec], colour: bool) -> A.Compose | None:
+    def _albumentations(specs: Sequence[OpSpec], colour: bool) -> A.Compose | None:
         ops = [s.build() for s in specs if s.lib == "albumentations" and (colour or not s.colour)]
         # strict=True turns silently ignored (misspelt/renamed) kwargs into errors at build time.
         return A.Compose(ops, strict=True) if ops else None
@@ -600,29 +316,19 @@ def _current_worker_key() -> tuple[int, int] | None:
 
 
 def build_transforms(
-    preset: str,
+    preset: Preset,
     img_size: int,
     train: bool,
-    in_chans: int = 1,
+    in_chans: Channels = 1,
     mean: Sequence[float] = (0.5,),
     std: Sequence[float] = (0.5,),
     seed: int | None = None,
 ) -> MedTransform:
     """Build the image transform for a modality preset, like timm's ``create_transform``.
 
-    Args:
-        preset: One of ``PRESETS`` (``preset_for_flag`` maps a MedMNIST flag to one).
-        img_size: Output height and width in pixels (>= 8).
-        train: Apply the preset's random augmentation; ``False`` gives the deterministic eval
-            transform (resize + normalise only).
-        in_chans: Model input channels, 1 or 3; grey images are repeated to 3 channels.
-        mean: Normalisation mean on the [0, 1] scale, length 1 or ``in_chans``.
-        std: Normalisation std on the [0, 1] scale, length 1 or ``in_chans``.
-        seed: Seed for the random ops; ``None`` draws one from the global torch RNG, so
-            ``torch.manual_seed`` makes construction reproducible.
-
-    Returns:
-        The configured ``MedTransform``.
+    The arguments are :class:`MedTransform`'s; ``train=False`` gives the deterministic eval
+    transform (resize and normalise only), and ``preset_for_flag`` maps a MedMNIST flag to a
+    preset.
 
     Raises:
         ValueError: On an unknown preset, ``img_size < 8``, ``in_chans`` not in (1, 3), or

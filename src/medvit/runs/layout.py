@@ -57,6 +57,8 @@ __all__ = [
     "write_cv_config",
     "write_cv_summary",
     "read_cv_summary",
+    "cv_summary_columns",
+    "write_cv_summary_csv",
 ]
 
 # ------------------------------------------------------------------------------ file names
@@ -263,14 +265,6 @@ def write_cv_config(cv_dir: Path, config: Mapping[str, Any]) -> None:
     write_json(cv_dir / CV_CONFIG, config)
 
 
-_NO_STATS = {"mean": None, "std": None, "ci95_low": None, "ci95_high": None, "n": 0}
-
-
-def _summary_columns(summary: Mapping[str, Any]) -> list[str]:
-    test = set(summary["test"]) | set((summary["ensemble"] or {}).get("test", {}))
-    return [f"val/{m}" for m in summary["val"]] + [f"test/{m}" for m in sorted(test)]
-
-
 def write_cv_summary(cv_dir: Path, summary: Mapping[str, Any]) -> None:
     """Write ``cv_summary.json`` and its table ``cv_summary.csv``.
 
@@ -281,7 +275,35 @@ def write_cv_summary(cv_dir: Path, summary: Mapping[str, Any]) -> None:
     or null), ``runs_expected``, ``runs_completed``, ``complete`` and ``ci_method``.
     """
     write_json(cv_dir / SUMMARY_JSON, summary)
-    columns = _summary_columns(summary)
+    write_cv_summary_csv(cv_dir / SUMMARY_CSV, summary)
+
+
+def read_cv_summary(cv_dir: Path) -> dict[str, Any]:
+    """``cv_summary.json`` with every key of the schema present (see :func:`write_cv_summary`)."""
+    summary = read_json(cv_dir / SUMMARY_JSON)
+    for key in ("runs", "missing"):
+        summary[key] = list(summary.get(key) or [])
+    for key in ("val", "test"):
+        summary[key] = dict(summary.get(key) or {})
+    summary["ensemble"] = summary.get("ensemble") or None
+    summary.setdefault("runs_completed", len(summary["runs"]))
+    summary.setdefault("runs_expected", len(summary["runs"]) + len(summary["missing"]))
+    return summary
+
+
+# ------------------------------------------------------------------------------ CV summary table
+_NO_STATS = {"mean": None, "std": None, "ci95_low": None, "ci95_high": None, "n": 0}
+
+
+def cv_summary_columns(summary: Mapping[str, Any]) -> list[str]:
+    """Metric columns of a CV summary: ``val/<metric>``, then ``test/<metric>`` (ensemble's too)."""
+    test = set(summary["test"]) | set((summary["ensemble"] or {}).get("test", {}))
+    return [f"val/{m}" for m in summary["val"]] + [f"test/{m}" for m in sorted(test)]
+
+
+def write_cv_summary_csv(path: Path, summary: Mapping[str, Any]) -> None:
+    """``cv_summary.csv``: every run (a missing one with its reason), mean/std/ci95, ensemble."""
+    columns = cv_summary_columns(summary)
     rows = []
     for r in summary["runs"]:
         values = {f"{s}/{m}": v for s in ("val", "test") for m, v in r[s].items()}
@@ -303,21 +325,8 @@ def write_cv_summary(cv_dir: Path, summary: Mapping[str, Any]) -> None:
         row = {"run": "ensemble", "status": f"n_models={ens['n_models']}"}
         row.update({f"test/{m}": v for m, v in ens["test"].items()})
         rows.append(row)
-    with atomic_write(cv_dir / SUMMARY_CSV, "w", newline="") as fh:
+    with atomic_write(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, ["run", "repeat", "fold", "status", *columns], restval="")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-
-
-def read_cv_summary(cv_dir: Path) -> dict[str, Any]:
-    """``cv_summary.json`` with every key of the schema present (see :func:`write_cv_summary`)."""
-    summary = read_json(cv_dir / SUMMARY_JSON)
-    for key in ("runs", "missing"):
-        summary[key] = list(summary.get(key) or [])
-    for key in ("val", "test"):
-        summary[key] = dict(summary.get(key) or {})
-    summary["ensemble"] = summary.get("ensemble") or None
-    summary.setdefault("runs_completed", len(summary["runs"]))
-    summary.setdefault("runs_expected", len(summary["runs"]) + len(summary["missing"]))
-    return summary

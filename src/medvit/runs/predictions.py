@@ -107,9 +107,9 @@ class Predictions:
 
     @property
     def predicted(self) -> np.ndarray:
-        """Predicted class (N,), or 0/1 labels at 0.5 (N, L) for multi-label."""
+        """Predicted class (N,), or 0/1 labels (N, L) for multi-label: probability > 0.5, as torchmetrics counts."""
         if self.task == "multilabel":
-            return (self.probs >= 0.5).astype(np.int64)
+            return (self.probs > 0.5).astype(np.int64)
         return self.probs.argmax(axis=1)
 
     def tensors(self) -> tuple[Any, Any]:

@@ -1,4 +1,4 @@
-"""Entry point of one ``medvit cv`` fold: ``python -m medvit.foldproc fit ...``.
+"""Entry point of one ``medvit cv`` fold: ``python -m medvit.cv.foldproc fit ...``.
 
 A fold is ``medvit fit`` that dies with its parent. When ``medvit cv`` is killed with
 ``kill -9`` it cannot stop its child, and a fold left training under PID 1 would race a rerun

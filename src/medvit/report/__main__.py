@@ -1,0 +1,5 @@
+"""``python -m medvit.report DIR ...``."""
+
+from medvit.report import main
+
+main()
