@@ -266,3 +266,19 @@ def test_every_third_party_import_is_declared():
                 if not dists & declared:
                     missing.setdefault(top, path.relative_to(ROOT).as_posix())
     assert not missing, f"imported but not in pyproject.toml's dependencies: {missing}"
+
+
+def test_configs_saved_before_the_move_to_train_still_name_the_finetuning_callback(tmp_path):
+    """A run's config.yaml from before 0.2 says medvit.callbacks.ViTFinetuning; it must resume."""
+    from medvit.train.callbacks import ViTFinetuning
+
+    old = tmp_path / "config.yaml"
+    old.write_text(
+        "trainer:\n  callbacks:\n  - class_path: medvit.callbacks.ViTFinetuning\n"
+        "    init_args:\n      unfreeze_at_epoch: 2\n"
+    )
+    cli = MedViTCLI(
+        args=["-c", str(old), "--trainer.logger=false", f"--run.root={tmp_path}"], run=False
+    )
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ViTFinetuning)]
+    assert callback.unfreeze_at_epoch == 2

@@ -315,31 +315,15 @@ def _current_worker_key() -> tuple[int, int] | None:
     return None if info is None else (info.id, info.seed)
 
 
-def build_transforms(
-    preset: Preset,
-    img_size: int,
-    train: bool,
-    in_chans: Channels = 1,
-    mean: Sequence[float] = (0.5,),
-    std: Sequence[float] = (0.5,),
-    seed: int | None = None,
-) -> MedTransform:
+def build_transforms(preset: Preset, img_size: int, train: bool, **kwargs: Any) -> MedTransform:
     """Build the image transform for a modality preset, like timm's ``create_transform``.
 
-    The arguments are :class:`MedTransform`'s; ``train=False`` gives the deterministic eval
-    transform (resize and normalise only), and ``preset_for_flag`` maps a MedMNIST flag to a
-    preset.
+    The arguments are :class:`MedTransform`'s (``in_chans``, ``mean``, ``std`` and ``seed`` by
+    keyword); ``train=False`` gives the deterministic eval transform (resize and normalise
+    only), and ``preset_for_flag`` maps a MedMNIST flag to a preset.
 
     Raises:
         ValueError: On an unknown preset, ``img_size < 8``, ``in_chans`` not in (1, 3), or
             malformed ``mean``/``std``.
     """
-    return MedTransform(
-        preset=preset,
-        img_size=img_size,
-        train=train,
-        in_chans=in_chans,
-        mean=mean,
-        std=std,
-        seed=seed,
-    )
+    return MedTransform(preset=preset, img_size=img_size, train=train, **kwargs)
