@@ -334,3 +334,28 @@ def test_voi_lut_sequence_is_preferred_to_the_window_and_scaled_by_its_depth(tmp
     np.testing.assert_array_equal(got, _to_255(voi, 0, 4095))
     raw = ds.pixel_array.astype(np.int64)
     np.testing.assert_array_equal(got, np.rint((4095 - raw) * 255 / 4095).astype(np.uint8))
+
+
+def test_dicom_colour_ybr_and_16_32_bit_rgb_read_as_8_bit_rgb():
+    rgb8 = read_pixels(DICOM_DIR / "SC_rgb_rle.dcm")
+    assert rgb8[0, 0].tolist() == [255, 0, 0] and rgb8[50, 50].tolist() == [128, 128, 255]
+    for name in ("SC_rgb_rle_16bit.dcm", "SC_rgb_rle_32bit.dcm"):  # full-range 16/32-bit
+        np.testing.assert_array_equal(read_pixels(DICOM_DIR / name), rgb8)
+    ybr = read_pixels(DICOM_DIR / "SC_ybr_full_422_uncompressed.dcm").astype(int)
+    assert np.abs(ybr - rgb8).mean() < 1  # converted to RGB (subsampled chroma rounds)
+
+
+def test_jpeg_bmp_and_palette_png_read_as_pillow_decodes_them(tmp_path):
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.bmp")
+    np.testing.assert_array_equal(read_pixels(tmp_path / "a.bmp"), rgb)
+    Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=95)
+    with Image.open(tmp_path / "a.jpg") as image:
+        np.testing.assert_array_equal(read_pixels(tmp_path / "a.jpg"), np.asarray(image))
+    palette = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
+    palette.putpalette([10, 20, 30, 200, 100, 0])
+    palette.save(tmp_path / "p.png")
+    assert read_pixels(tmp_path / "p.png")[0].tolist() == [[10, 20, 30], [200, 100, 0]]
+    palette.save(tmp_path / "pt.png", transparency=0)  # index 0 transparent -> RGBA
+    assert read_pixels(tmp_path / "pt.png")[0].tolist() == [[10, 20, 30, 0], [200, 100, 0, 255]]
