@@ -172,8 +172,18 @@ def test_truncated_and_fake_dicom_are_read_errors(tmp_path):
     assert info.value.kind == "unreadable"
     fake = tmp_path / "fake.dcm"
     fake.write_bytes(b"not a dicom file at all" * 10)
-    with pytest.raises(ImageReadError, match=r"fake\.dcm: cannot decode"):
+    with pytest.raises(ImageReadError, match=r"fake\.dcm: not a DICOM file"):
         read_pixels(fake)
+
+
+def test_dcm_without_preamble_is_read_by_its_suffix(tmp_path):
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(MR.read_bytes()[132:])  # no 128-byte preamble, no "DICM"
+    shutil.copyfile(bare, tmp_path / "bare")
+    assert is_dicom(bare) and not is_dicom(tmp_path / "bare")  # suffix-less needs the magic
+    np.testing.assert_array_equal(read_pixels(bare), read_pixels(MR))
+    with pytest.raises(ImageReadError, match=r"ExplVR_LitEndNoMeta\.dcm: DICOM file has no pixel"):
+        read_pixels(DICOM_DIR / "ExplVR_LitEndNoMeta.dcm")
 
 
 def test_nifti_2d_applies_scaling_and_puts_x_along_columns(tmp_path):
