@@ -369,3 +369,13 @@ def test_jpeg_bmp_and_palette_png_read_as_pillow_decodes_them(tmp_path):
     assert read_pixels(tmp_path / "p.png")[0].tolist() == [[10, 20, 30], [200, 100, 0]]
     palette.save(tmp_path / "pt.png", transparency=0)  # index 0 transparent -> RGBA
     assert read_pixels(tmp_path / "pt.png")[0].tolist() == [[10, 20, 30, 0], [200, 100, 0, 255]]
+
+
+def test_compressed_dicom_decodes_to_the_same_pixels_and_multipage_tiff_is_refused(tmp_path):
+    for name in ("MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"):  # RLE, JPEG 2000 lossless
+        np.testing.assert_array_equal(read_pixels(DICOM_DIR / name), read_pixels(MR))
+    pages = [Image.fromarray(np.full((4, 4), v, np.uint8)) for v in (10, 20)]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(ImageReadError, match=r"stack\.tif: image has 2 frames") as info:
+        read_pixels(tmp_path / "stack.tif")
+    assert info.value.kind == "multi_frame"

@@ -303,8 +303,10 @@ def read_pixels(path: str | Path, window: tuple[float, float] | None = None) -> 
             path, "not an image file Pillow, pydicom or nibabel can read"
         ) from None
     except Exception as err:  # noqa: BLE001 - decoders raise anything on corrupt input
-        kind = "unsupported" if isinstance(err, NotImplementedError) else "unreadable"
         reason = " ".join(str(err).split()) or type(err).__name__
+        # e.g. a DICOM transfer syntax whose decoder plugin is not installed
+        unsupported = isinstance(err, NotImplementedError) or "missing dependencies" in reason
+        kind = "unsupported" if unsupported else "unreadable"
         raise ImageReadError(path, f"cannot decode: {reason}", kind) from err
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
