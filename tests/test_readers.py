@@ -379,3 +379,12 @@ def test_compressed_dicom_decodes_to_the_same_pixels_and_multipage_tiff_is_refus
     with pytest.raises(ImageReadError, match=r"stack\.tif: image has 2 frames") as info:
         read_pixels(tmp_path / "stack.tif")
     assert info.value.kind == "multi_frame"
+
+
+def test_float_tiff_maps_its_own_min_max_and_nifti_names_are_recognised(tmp_path):
+    image = np.linspace(-1.0, 3.0, 28 * 28, dtype=np.float32).reshape(28, 28)
+    Image.fromarray(image).save(tmp_path / "float.tiff")
+    expected = np.rint((image.astype(np.float64) + 1) * 255 / 4).astype(np.uint8)
+    np.testing.assert_array_equal(read_pixels(tmp_path / "float.tiff"), expected)
+    names = ["a.nii", "b.NII.GZ", "c.dcm", "d.PNG", "e.tif", "f.txt", "g.gz"]
+    assert [is_image_file(tmp_path / n) for n in names] == [True] * 5 + [False] * 2
