@@ -245,7 +245,10 @@ def scan_folder(
     names = list(class_names) if class_names is not None else _class_order(folder_names)
     index = {n: i for i, n in enumerate(names)}
     unknown = [f for _, c, f in found if c not in index]
-    rows = [(s, index[c], f) for s, c, f in found if c in index]
+    # Rows in split order (train, val, test), then class order, then path: stable and readable.
+    rank = {s: i for i, s in enumerate((None, *SPLIT_NAMES))}
+    rows = sorted(((s, index[c], f) for s, c, f in found if c in index),
+                  key=lambda row: (rank[row[0]], row[1], row[2]))  # fmt: skip
     problems = []
     if unknown:
         hint = f"class folders not in class_names {names}"
@@ -486,7 +489,7 @@ def validate(table: Table) -> list[Problem]:
     """Every problem of ``table``: its unparsable rows, then what a stat of each file finds.
 
     Kinds: missing files (or not a regular file), empty (0-byte) files, duplicate paths, empty
-    classes (a class, or finding, with no sample), fewer than 2 classes, no samples, patients
+    classes (a class, or finding, with no sample among the rows kept), fewer than 2 classes, no samples, patients
     whose rows have conflicting explicit splits. Files are not decoded.
     """
     problems = list(table.problems)
@@ -529,7 +532,7 @@ def validate(table: Table) -> list[Problem]:
             per_class = np.bincount(labels, minlength=len(table.class_names))
         hollow = tuple(n for n, c in zip(table.class_names, per_class, strict=False) if c == 0)
         if hollow:
-            problems.append(Problem("empty classes", hollow, "no sample has them"))
+            problems.append(Problem("empty classes", hollow, "no usable sample has them"))
     if table.splits is not None and table.patient_ids is not None:
         seen: dict[str, set[str]] = defaultdict(set)
         for pid, split in zip(table.patient_ids, table.splits, strict=True):
