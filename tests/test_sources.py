@@ -195,6 +195,23 @@ def test_tsv_and_custom_column_names(tmp_path: Path) -> None:
         assert table.splits.tolist() == ["train", "val", "test"] and table.extra == {}, name
 
 
+def test_load_table_dispatches_and_refuses_csv_options_for_a_folder(tmp_path: Path) -> None:
+    for c in ("a", "b", "c"):
+        touch(tmp_path / "imgs" / c / "0.png")
+    csv = write_csv(tmp_path / "l.csv", "path,label", ["imgs/a/0.png,a", "imgs/b/0.png,b"])
+    assert load_table(csv).rel_paths() == ["imgs/a/0.png", "imgs/b/0.png"]
+    # Options left at their defaults are fine for a folder; a CSV-only choice is a mistake.
+    assert load_table(tmp_path / "imgs", path_column="path", task=None).class_names == list("abc")
+    with pytest.raises(ValueError, match=r"is a folder; options \['label_column'\] are for a CSV"):
+        load_table(tmp_path / "imgs", label_column="diagnosis")
+    with pytest.raises(ValueError, match="task='binary' needs 2 classes, found 3"):
+        load_table(tmp_path / "imgs", task="binary")
+    with pytest.raises(ValueError, match="task must be one of binary, multiclass"):
+        load_table(csv, task="regression")
+    with pytest.raises(DataSourceError, match=r"no such file \[1\]: .*nothere.csv"):
+        load_table(tmp_path / "nothere.csv")
+
+
 # --- bad input: one DataSourceError listing everything -------------------------------------------
 
 
@@ -203,7 +220,10 @@ def test_missing_files_are_listed_first_20_with_count(tmp_path: Path) -> None:
     rows = ["here.png,a", "here.png,b"] + [f"gone/{i:02d}.png,a" for i in range(25)]
     table = read_csv(write_csv(tmp_path / "l.csv", "path,label", rows))
     message = error_of(table)
-    assert f"missing files [25, first {MAX_LISTED} shown]: gone/00.png, gone/01.png" in message
+    assert (
+        f"missing files (not found, or not a regular file) [25, first {MAX_LISTED} shown]: gone/00.png, gone/01.png"
+        in message
+    )
     assert "gone/19.png" in message and "gone/20.png" not in message
     assert message.startswith(f"{tmp_path / 'l.csv'}: 2 problems in the data:")
     assert "duplicate paths (listed twice or more) [1]: here.png (2 rows)" in message
