@@ -158,6 +158,7 @@ def test_csv_multilabel_findings_auto_and_named(tmp_path: Path) -> None:
     rows = ["0.png,1,0,1.0,0,p1", "1.png,0,1,0,1,p2", "2.png,0,0,0,1,p3"]
     csv = write_csv(tmp_path / "l.csv", "path,Effusion,Mass,Nodule,sex,patient_id", rows)
     auto = read_csv(csv)
+    assert read_csv(csv, task="multilabel").class_names == auto.class_names
     assert auto.task == "multilabel" and auto.class_names == ["Effusion", "Mass", "Nodule", "sex"]
     assert auto.labels.tolist() == [[1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 0, 1]]
     named = read_csv(csv, label_columns=["Nodule", "Mass"])
@@ -220,10 +221,8 @@ def test_missing_files_are_listed_first_20_with_count(tmp_path: Path) -> None:
     rows = ["here.png,a", "here.png,b"] + [f"gone/{i:02d}.png,a" for i in range(25)]
     table = read_csv(write_csv(tmp_path / "l.csv", "path,label", rows))
     message = error_of(table)
-    assert (
-        f"missing files (not found, or not a regular file) [25, first {MAX_LISTED} shown]: gone/00.png, gone/01.png"
-        in message
-    )
+    kind = "missing files (not found, or not a regular file)"
+    assert f"{kind} [25, first {MAX_LISTED} shown]: gone/00.png, gone/01.png" in message
     assert "gone/19.png" in message and "gone/20.png" not in message
     assert message.startswith(f"{tmp_path / 'l.csv'}: 2 problems in the data:")
     assert "duplicate paths (listed twice or more) [1]: here.png (2 rows)" in message
