@@ -350,6 +350,20 @@ def test_every_problem_in_one_error(tmp_path: Path) -> None:
     assert "7 problems in the data" in error_of(table)
 
 
+def test_too_few_classes_no_samples_empty_paths_and_an_absent_finding(tmp_path: Path) -> None:
+    touch(tmp_path / "only" / "0.png")
+    assert "too few classes (need at least 2) [1]: only" in error_of(scan_folder(tmp_path))
+    header_only = write_csv(tmp_path / "h.csv", "path,label", [])
+    assert f"no samples [1]: {header_only}" in error_of(read_csv(header_only))
+    rows = ["only/0.png,1,0,0", ",0,1,0", "only/0.png,1,0,0"]
+    table = read_csv(write_csv(tmp_path / "f.csv", "path,A,B,C", rows))
+    message = error_of(table)
+    assert "empty paths (column 'path') [1]: line 3" in message
+    # B's only positive row has no path, and no row has C: neither can be learned or measured.
+    assert "empty classes (no usable sample has them) [2]: B, C" in message
+    assert "duplicate paths (listed twice or more) [1]: only/0.png (2 rows)" in message
+
+
 def test_drop_leaves_out_bad_files_for_skip(tmp_path: Path) -> None:
     for i in range(4):
         touch(tmp_path / "c" / f"{i}.png", b"" if i == 1 else FAKE_PNG)

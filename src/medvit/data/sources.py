@@ -490,12 +490,12 @@ def validate(table: Table) -> list[Problem]:
     """Every problem of ``table``: its unparsable rows, then what a stat of each file finds.
 
     Kinds: missing files (or not a regular file), empty (0-byte) files, duplicate paths, empty
-    classes (a class, or finding, with no sample among the rows kept), fewer than 2 classes, no samples, patients
-    whose rows have conflicting explicit splits. Files are not decoded.
+    classes (a class, or finding, with no sample among the rows kept), fewer than 2 classes, no
+    samples, patients whose rows have conflicting explicit splits. Files are not decoded; the
+    paths of rows left out while parsing are stat'ed too, so one error lists everything.
     """
     problems = list(table.problems)
     missing, empty = [], []
-    # Rows left out for a bad label or split are stat'ed too: one error should list everything.
     left_out = [p for prob in table.problems if not prob.skippable for p in prob.paths]
     for p in dict.fromkeys([*table.paths, *left_out]):
         try:
