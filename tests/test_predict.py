@@ -372,3 +372,60 @@ def test_own_data_checkpoint_decodes_with_its_size_channels_and_window(tmp_path)
     with torch.inference_mode():
         expected = model.eval().probabilities(model(x)).numpy()
     np.testing.assert_allclose(probs_of(rows), expected, atol=2e-6)
+
+
+def test_folder_of_class_folders_gives_labels(ckpt, tmp_path):
+    root = tmp_path / "xrays"
+    for split, cls in (("train", 1), ("test", 0), ("test", 1)):
+        (root / split / NAMES[cls]).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((28, 28), 50, np.uint8)).save(root / "train" / NAMES[1] / "t.png")
+    Image.fromarray(np.full((28, 28), 80, np.uint8)).save(root / "test" / NAMES[0] / "a.png")
+    shutil.copy(CT, root / "test" / NAMES[1] / "b.dcm")
+    rows = predict(ckpt, [str(root / "test"), str(root)], None, device="cpu")
+    by_source = [(Path(r["source"]).relative_to(root).as_posix(), r["label"]) for r in rows]
+    assert by_source == [
+        (f"test/{NAMES[0]}/a.png", 0),
+        (f"test/{NAMES[1]}/b.dcm", 1),
+        (f"test/{NAMES[0]}/a.png", 0),
+        (f"test/{NAMES[1]}/b.dcm", 1),
+        (f"train/{NAMES[1]}/t.png", 1),
+    ]
+    assert [r["label_name"] for r in rows[:2]] == NAMES
+    # A folder that is not named after the checkpoint's classes everywhere stays unlabelled.
+    (root / "test" / "unsure").mkdir()
+    shutil.copy(MR, root / "test" / "unsure" / "c.dcm")
+    rows = predict(ckpt, [str(root / "test")], None, device="cpu")
+    assert len(rows) == 3 and [r["label"] for r in rows] == ["", "", ""]
+
+
+def test_multilabel_listing_reads_one_column_per_class(tmp_path):
+    findings = ["effusion", "nodule", "edema"]
+    model = ViTClassifier(
+        num_classes=3, in_chans=1, img_size=28, task="multilabel", class_names=findings,
+        patch_size=7,
+    )  # fmt: skip
+    ckpt = tmp_path / "multi.ckpt"
+    hp = {"path": "x.csv", "size": 28}
+    torch.save(
+        {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+         "datamodule_hyper_parameters": hp},
+        ckpt,
+    )  # fmt: skip
+    shutil.copy(CT, tmp_path / "ct.dcm")
+    shutil.copy(MR, tmp_path / "mr.dcm")
+    listing = tmp_path / "findings.csv"
+    listing.write_text("path,nodule,edema,effusion,view\nct.dcm,1,0,1,AP\nmr.dcm,0,0,0,PA\n")
+    rows = predict(ckpt, [str(listing)], None, device="cpu")
+    assert [(r["label"], r["label_name"], r["view"]) for r in rows] == [
+        ("0;1", "effusion;nodule", "AP"),
+        ("", "", "PA"),
+    ]
+    images = [load_image(tmp_path / "ct.dcm", 28, 1), load_image(tmp_path / "mr.dcm", 28, 1)]
+    x = (torch.from_numpy(np.stack(images)).float()[:, None] / 255 - 0.5) / 0.5
+    with torch.inference_mode():
+        expected = model.eval().probabilities(model(x)).numpy()
+    got = np.array([[float(r[f"prob_{n}"]) for n in findings] for r in rows])
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    assert [r["prediction"] for r in rows] == [
+        ";".join(n for n, p in zip(findings, row, strict=True) if p >= 0.5) for row in expected
+    ]

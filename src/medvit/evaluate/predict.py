@@ -1,7 +1,8 @@
 """``medvit predict``: class probabilities for image files, folders, CSV listings or an npz split.
 
 Inputs: image files (PNG, JPEG, BMP, TIFF incl. 16-bit grey and float), DICOM files (by suffix or
-the ``DICM`` magic), 2D NIfTI, folders of any of these (searched recursively), a CSV/TSV listing
+the ``DICM`` magic), 2D NIfTI, folders of any of these (searched recursively; labelled when laid
+out as one subfolder per checkpoint class), a CSV/TSV listing
 paths (read with :func:`medvit.data.sources.read_csv`: its path column, with optional
 ``patient_id``, ``split`` and label columns), and ``file.npz[:split]``.
 

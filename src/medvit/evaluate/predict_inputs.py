@@ -8,6 +8,7 @@ of them (recursively), CSV/TSV listings of paths (:func:`medvit.data.sources.rea
 from __future__ import annotations
 
 import math
+import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 from medmnist import INFO
 
 from medvit.data.readers import IMAGE_SUFFIXES, is_image_file, load_image, to_uint8
-from medvit.data.sources import DataSourceError, Table, read_csv
+from medvit.data.sources import DataSourceError, Table, read_csv, scan_folder
 
 #: Inputs read as a listing of image paths (CSV, or TSV by suffix), not as an image.
 LISTING_SUFFIXES = (".csv", ".tsv", ".tab")
@@ -126,6 +127,26 @@ def image_files(folder: Path) -> list[Path]:
     )
 
 
+def folder_labels(folder: Path, files: list[Path], task: str, names: list[str]) -> dict[Path, int]:
+    """The class of each file when ``folder`` has one subfolder per checkpoint class, else ``{}``.
+
+    The ImageFolder convention (optionally under ``train/``, ``val/``, ``test/``), read by
+    :func:`medvit.data.sources.scan_folder`; used only when every image found lies in a folder
+    named after one of the checkpoint's classes, so any other layout is simply unlabelled.
+    """
+    if task == "multilabel" or not files:
+        return {}
+    try:
+        table = scan_folder(folder, class_names=names)
+    except (DataSourceError, ValueError):
+        return {}
+    found = dict(zip(table.paths, table.labels.tolist(), strict=True))
+    where = {f: Path(os.path.normpath(os.path.abspath(f))) for f in files}
+    if table.problems or set(found) != set(where.values()):
+        return {}
+    return {f: found[where[f]] for f in files}
+
+
 def output_name(column: str) -> str:
     """A CSV column's name in the output: ``input_<name>`` when predict writes one so named."""
     clash = column in _OWN_COLUMNS or column.startswith(("prob_", "input_"))
@@ -200,7 +221,9 @@ def collect(
                 load = lambda a=images, j=j: to_uint8(a[j])  # noqa: E731
                 items.append(Item(f"{path.name}:{split}", load, label))
         elif path.is_dir():
-            items += [Item(str(f), decoding.loader(f)) for f in image_files(path)]
+            files = image_files(path)
+            labels = folder_labels(path, files, task, names)
+            items += [Item(str(f), decoding.loader(f), labels.get(f)) for f in files]
         elif not path.is_file():
             raise ValueError(f"{path} does not exist.")
         elif path.name.lower().endswith(LISTING_SUFFIXES):
