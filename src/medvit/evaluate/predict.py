@@ -2,9 +2,9 @@
 
 Inputs: image files (PNG, JPEG, BMP, TIFF incl. 16-bit grey and float), DICOM files (by suffix or
 the ``DICM`` magic), 2D NIfTI, folders of any of these (searched recursively; labelled when laid
-out as one subfolder per checkpoint class), a CSV/TSV listing
-paths (read with :func:`medvit.data.sources.read_csv`: its path column, with optional
-``patient_id``, ``split`` and label columns), and ``file.npz[:split]``.
+out as one subfolder per checkpoint class), a CSV/TSV listing paths (read with
+:func:`medvit.data.sources.read_csv`: its path column, with optional ``patient_id``, ``split``
+and label columns), and ``file.npz[:split]``.
 
 Files are decoded by :func:`medvit.data.readers.load_image` as the training data was: pixels on
 MedMNIST's 8-bit scale (:func:`~medvit.data.readers.to_uint8`'s rules for 16-bit and float
