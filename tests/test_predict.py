@@ -429,3 +429,13 @@ def test_multilabel_listing_reads_one_column_per_class(tmp_path):
     assert [r["prediction"] for r in rows] == [
         ";".join(n for n, p in zip(findings, row, strict=True) if p >= 0.5) for row in expected
     ]
+
+
+def test_window_values_are_checked_in_one_line():
+    from medvit.evaluate.predict_inputs import check_window
+
+    assert check_window(None) is None
+    assert check_window("40,400") == check_window([40, 400]) == (40.0, 400.0)
+    for bad in ("40", [40, 0], [40, float("nan")], "a,b", 40):
+        with pytest.raises(ValueError, match="window"):
+            check_window(bad)

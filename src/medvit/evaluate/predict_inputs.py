@@ -88,9 +88,14 @@ def read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | Non
 
 
 def check_window(window: Any) -> tuple[float, float] | None:
-    """``(center, width)`` as floats, or None; ValueError in one line when it is not a window."""
+    """``(center, width)`` as floats, or None; ValueError in one line when it is not a window.
+
+    Takes a pair or the text ``"center,width"`` (as a config or checkpoint may hold it).
+    """
     if window is None:
         return None
+    if isinstance(window, str):
+        window = window.split(",")
     try:
         center, width = (float(v) for v in window)
     except (TypeError, ValueError):
