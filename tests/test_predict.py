@@ -405,7 +405,7 @@ def test_multilabel_listing_reads_one_column_per_class(tmp_path):
         patch_size=7,
     )  # fmt: skip
     ckpt = tmp_path / "multi.ckpt"
-    hp = {"path": "x.csv", "size": 28}
+    hp = {"path": "x.csv", "size": 28, "path_column": "image"}  # the path column it trained with
     torch.save(
         {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
          "datamodule_hyper_parameters": hp},
@@ -414,7 +414,7 @@ def test_multilabel_listing_reads_one_column_per_class(tmp_path):
     shutil.copy(CT, tmp_path / "ct.dcm")
     shutil.copy(MR, tmp_path / "mr.dcm")
     listing = tmp_path / "findings.csv"
-    listing.write_text("path,nodule,edema,effusion,view\nct.dcm,1,0,1,AP\nmr.dcm,0,0,0,PA\n")
+    listing.write_text("image,nodule,edema,effusion,view\nct.dcm,1,0,1,AP\nmr.dcm,0,0,0,PA\n")
     rows = predict(ckpt, [str(listing)], None, device="cpu")
     assert [(r["label"], r["label_name"], r["view"]) for r in rows] == [
         ("0;1", "effusion;nodule", "AP"),
@@ -439,3 +439,38 @@ def test_window_values_are_checked_in_one_line():
     for bad in ("40", [40, 0], [40, float("nan")], "a,b", 40):
         with pytest.raises(ValueError, match="window"):
             check_window(bad)
+
+
+def test_listing_columns_named_otherwise(ckpt, tmp_path):
+    Image.fromarray(np.full((28, 28), 30, np.uint8)).save(tmp_path / "a.png")
+    shutil.copy(MR, tmp_path / "b.dcm")
+    listing = tmp_path / "list.tsv"
+    listing.write_text(
+        "file\tsubject\tdiagnosis\tpatient_id\na.png\tS1\tmalignant\told-1\nb.dcm\tS2\t1\told-2\n"
+    )
+    out = tmp_path / "out.csv"
+    columns = [
+        "--path_column",
+        "file",
+        "--label_column",
+        "diagnosis",
+        "--patient_column",
+        "subject",
+    ]
+    main(["predict", "--ckpt_path", str(ckpt), str(listing), "-o", str(out), *columns])
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["source"], r["patient_id"], r["input_patient_id"]) for r in rows] == [
+        ("a.png", "S1", "old-1"),
+        ("b.dcm", "S2", "old-2"),
+    ]
+    assert [(r["label"], r["error"]) for r in rows] == [("0", ""), ("1", "")]
+    images = [load_image(tmp_path / "a.png", 28, 1), load_image(tmp_path / "b.dcm", 28, 1)]
+    np.testing.assert_allclose(probs_of(rows), expected_probs(ckpt, images), atol=2e-6)
+    # Only the path column must exist: a patient or label column named but absent is not used.
+    rows = predict(ckpt, [str(listing)], None, columns={"path_column": "file", "label_column": "x"})
+    assert [(r["patient_id"], r["label"], r["diagnosis"]) for r in rows] == [
+        ("old-1", "", "malignant"),
+        ("old-2", "", "1"),
+    ]
+    with pytest.raises(SystemExit):
+        main(["predict", "--ckpt_path", str(ckpt), str(listing)])  # no 'path' column

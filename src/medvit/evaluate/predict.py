@@ -31,7 +31,13 @@ from tqdm.auto import tqdm
 
 from medvit.data.readers import ImageReadError, to_uint8
 from medvit.data.transforms import build_transforms
-from medvit.evaluate.predict_inputs import LISTING_SUFFIXES, Item, collect, decoding_for
+from medvit.evaluate.predict_inputs import (
+    COLUMN_OPTIONS,
+    LISTING_SUFFIXES,
+    Item,
+    collect,
+    decoding_for,
+)
 from medvit.fileio import atomic_write
 from medvit.models.checkpoint import CheckpointError, load_checkpoint
 from medvit.models.module import ViTClassifier
@@ -172,6 +178,7 @@ def predict(
     device: str = "auto",
     force: bool = False,
     window: tuple[float, float] | None = None,
+    columns: dict[str, str | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Predict class probabilities with a medvit checkpoint and write them as CSV.
 
@@ -191,6 +198,10 @@ def predict(
             :func:`check_inputs_fit_checkpoint`), or a listing has labels the checkpoint lacks.
         window: DICOM/NIfTI ``(center, width)`` used instead of the file's own window (and of
             the one the checkpoint was trained with).
+        columns: a listing's column names by ``path_column``, ``label_column``,
+            ``patient_column``, ``split_column`` (as :func:`medvit.data.sources.read_csv`); a name
+            not given is the one the checkpoint's datamodule used, else ``path``, ``label``,
+            ``patient_id``, ``split``. Only the path column must exist.
 
     Returns:
         One dict per image: ``source`` (the path as given; relative to the listing for a
@@ -221,7 +232,9 @@ def predict(
         std=data_hp.get("std") or [0.5],
     )
     names = list(hp.class_names or [str(i) for i in range(hp.num_classes)])
-    items = collect(inputs, decoding, hp.task, names, force)
+    named = {k: data_hp[k] for k in COLUMN_OPTIONS if isinstance(data_hp.get(k), str)}
+    named.update({k: v for k, v in (columns or {}).items() if v is not None})
+    items = collect(inputs, decoding, hp.task, names, force, named)
     labels = [item.label for item in items]
     if not force:
         check_inputs_fit_checkpoint(ckpt_path, data_hp, hp, inputs, labels)
@@ -311,6 +324,14 @@ def main(argv: list[str] | None = None) -> None:
         help="DICOM/NIfTI window in the file's units (e.g. 40,400 for CT soft tissue), instead "
         "of the file's own (and the checkpoint's)",
     )
+    for option, default in COLUMN_OPTIONS.items():
+        parser.add_argument(
+            f"--{option}",
+            default=None,
+            metavar="NAME",
+            help=f"a CSV/TSV listing's {option.split('_')[0]} column (default: the checkpoint's, "
+            f"else '{default}')",
+        )
     parser.add_argument(
         "--force",
         action="store_true",
@@ -327,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
             args.device,
             args.force,
             args.window,
+            {option: getattr(args, option) for option in COLUMN_OPTIONS},
         )
     except ValueError as err:  # CheckpointError included: a user problem, not a bug
         from medvit.cli import exit_with_user_error, show_tracebacks

@@ -154,30 +154,62 @@ def folder_labels(folder: Path, files: list[Path], task: str, names: list[str]) 
 
 def output_name(column: str) -> str:
     """A CSV column's name in the output: ``input_<name>`` when predict writes one so named."""
-    clash = column in _OWN_COLUMNS or column.startswith(("prob_", "input_"))
+    # patient_id and split are in extra only when other columns play those roles.
+    clash = column in (*_OWN_COLUMNS, "patient_id", "split") or column.startswith(
+        ("prob_", "input_")
+    )
     return f"input_{column}" if clash else column
 
 
-def listing_items(path: Path, decoding: Decoding, task: str, names: list[str], force: bool):
+#: The listing's column options (names as :func:`medvit.data.sources.read_csv` takes them) and
+#: their defaults; a checkpoint's datamodule and the command line may name other columns.
+COLUMN_OPTIONS = {
+    "path_column": "path",
+    "label_column": "label",
+    "patient_column": "patient_id",
+    "split_column": "split",
+}
+
+
+def listing_items(
+    path: Path,
+    decoding: Decoding,
+    task: str,
+    names: list[str],
+    force: bool,
+    columns: dict[str, str] | None = None,
+) -> list[Item]:
     """The rows of a CSV/TSV listing as :class:`Item` entries, in file order.
 
     Paths are relative to the listing. Labels are read when the listing has them for this
-    checkpoint: a ``label`` column (class names or indices of the checkpoint's classes) or, for
-    a multi-label checkpoint, one 0/1 column per class name. ``patient_id``, ``split`` and every
-    other column are kept for the output.
+    checkpoint: a label column (class names or indices of the checkpoint's classes) or, for a
+    multi-label checkpoint, one 0/1 column per class name. The patient column (written as
+    ``patient_id``), ``split`` and every other column are kept for the output.
+
+    Args:
+        columns: column names by :data:`COLUMN_OPTIONS` key; the path column must exist, the
+            others are used when present.
 
     Raises:
         ValueError: the listing lacks its path column or has bad rows (e.g. labels the
             checkpoint does not have; with ``force`` those rows are predicted without labels).
     """
-    # Read once without labels (every row, every other column kept), then with the labels the
-    # checkpoint knows when the listing has them.
-    plain = read_csv(path, label_column="", label_columns=[])
+    named = {**COLUMN_OPTIONS, **(columns or {})}
+    # Read once without labels to see the columns, keeping only the named ones the file has.
+    first = read_csv(path, path_column=named["path_column"], label_column="", label_columns=[])
+    present = {*first.extra, named["path_column"]}
+    present |= {"patient_id"} if first.patient_ids is not None else set()
+    present |= {"split"} if first.splits is not None else set()
+    options = {
+        key: named[key] if named[key] in present else COLUMN_OPTIONS[key]
+        for key in ("path_column", "patient_column", "split_column")
+    }
+    plain = read_csv(path, label_column="", label_columns=[], **options)
     table: Table = plain
-    if task == "multilabel" and names and all(n in plain.extra for n in names):
-        table = read_csv(path, label_columns=names)
-    elif task != "multilabel" and "label" in plain.extra:
-        table = read_csv(path, class_names=names)
+    if task == "multilabel" and names and all(n in present for n in names):
+        table = read_csv(path, label_columns=names, **options)
+    elif task != "multilabel" and named["label_column"] in present:
+        table = read_csv(path, label_column=named["label_column"], class_names=names, **options)
     labelled = table is not plain
     if labelled and table.problems and all(p.kind == "unknown labels" for p in table.problems):
         if force:
@@ -189,27 +221,35 @@ def listing_items(path: Path, decoding: Decoding, task: str, names: list[str], f
             )
     if table.problems:
         raise DataSourceError(path, table.problems)
-    columns: dict[str, np.ndarray] = {}
+    kept: dict[str, np.ndarray] = {}
     if table.patient_ids is not None:
-        columns["patient_id"] = table.patient_ids
+        kept["patient_id"] = table.patient_ids
     if table.splits is not None:
-        columns["split"] = table.splits
-    columns.update({output_name(k): v for k, v in table.extra.items()})
+        kept["split"] = table.splits
+    kept.update({output_name(k): v for k, v in table.extra.items()})
     return [
         Item(
             source,
             decoding.loader(file),
             table.labels[k] if labelled else None,
-            {c: str(v[k]) for c, v in columns.items()},
+            {c: str(v[k]) for c, v in kept.items()},
         )
         for k, (file, source) in enumerate(zip(table.paths, table.rel_paths(), strict=True))
     ]
 
 
 def collect(
-    inputs: list[str], decoding: Decoding, task: str, names: list[str], force: bool
+    inputs: list[str],
+    decoding: Decoding,
+    task: str,
+    names: list[str],
+    force: bool,
+    columns: dict[str, str] | None = None,
 ) -> list[Item]:
-    """Expand the command line's inputs into the images to predict, in order."""
+    """Expand the command line's inputs into the images to predict, in order.
+
+    ``columns`` names a listing's columns (see :func:`listing_items`).
+    """
     items: list[Item] = []
     for spec in inputs:
         path_str, _, split = (
@@ -232,7 +272,7 @@ def collect(
         elif not path.is_file():
             raise ValueError(f"{path} does not exist.")
         elif path.name.lower().endswith(LISTING_SUFFIXES):
-            items += listing_items(path, decoding, task, names, force)
+            items += listing_items(path, decoding, task, names, force, columns)
         elif is_image_file(path):
             items.append(Item(str(path), decoding.loader(path)))
         else:
