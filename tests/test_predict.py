@@ -474,3 +474,15 @@ def test_listing_columns_named_otherwise(ckpt, tmp_path):
     ]
     with pytest.raises(SystemExit):
         main(["predict", "--ckpt_path", str(ckpt), str(listing)])  # no 'path' column
+
+
+def test_decoding_in_worker_processes_gives_the_same_rows(ckpt, tmp_path):
+    from conftest import make_medmnist_npz
+
+    npz = make_medmnist_npz(tmp_path / "breastmnist.npz", "breastmnist", n=(2, 2, 3))
+    shutil.copy(CT, tmp_path / "ct.dcm")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    inputs = [str(tmp_path / "ct.dcm"), str(tmp_path / "broken.png"), f"{npz}:test"]
+    here = predict(ckpt, inputs, None, batch_size=2, device="cpu")
+    workers = predict(ckpt, inputs, None, batch_size=2, device="cpu", num_workers=2)
+    assert workers == here and len(here) == 5 and here[1]["error"].startswith("cannot read")

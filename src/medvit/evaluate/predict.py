@@ -179,6 +179,7 @@ def predict(
     force: bool = False,
     window: tuple[float, float] | None = None,
     columns: dict[str, str | None] | None = None,
+    num_workers: int = 0,
 ) -> list[dict[str, Any]]:
     """Predict class probabilities with a medvit checkpoint and write them as CSV.
 
@@ -202,6 +203,7 @@ def predict(
             ``patient_column``, ``split_column`` (as :func:`medvit.data.sources.read_csv`); a name
             not given is the one the checkpoint's datamodule used, else ``path``, ``label``,
             ``patient_id``, ``split``. Only the path column must exist.
+        num_workers: DataLoader processes decoding files (0: in this process).
 
     Returns:
         One dict per image: ``source`` (the path as given; relative to the listing for a
@@ -240,7 +242,9 @@ def predict(
         check_inputs_fit_checkpoint(ckpt_path, data_hp, hp, inputs, labels)
     side = decoding.size
     blank = np.zeros((side, side) if decoding.in_chans == 1 else (side, side, 3), np.uint8)
-    loader = DataLoader(_Inputs(items, transform, blank), batch_size=batch_size)
+    loader = DataLoader(
+        _Inputs(items, transform, blank), batch_size=batch_size, num_workers=num_workers
+    )
     # The listings' columns, in order of first appearance (blank for rows from other inputs).
     listed = list(dict.fromkeys(c for item in items for c in item.columns))
     rows: list[dict[str, Any]] = []
@@ -317,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(
+        "--num_workers", type=int, default=0, help="processes decoding files (default: 0, none)"
+    )
+    parser.add_argument(
         "--window",
         type=_window_arg,
         default=None,
@@ -349,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
             args.force,
             args.window,
             {option: getattr(args, option) for option in COLUMN_OPTIONS},
+            args.num_workers,
         )
     except ValueError as err:  # CheckpointError included: a user problem, not a bug
         from medvit.cli import exit_with_user_error, show_tracebacks

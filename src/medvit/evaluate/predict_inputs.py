@@ -12,6 +12,7 @@ import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,15 @@ class Decoding:
     window: tuple[float, float] | None
 
     def loader(self, path: Path) -> Callable[[], np.ndarray]:
-        """A function decoding ``path`` when called (in the DataLoader, so errors stay per row)."""
-        return lambda: load_image(path, self.size, self.in_chans, self.window)
+        """A function decoding ``path`` when called (in the DataLoader, so errors stay per row).
+
+        A :func:`functools.partial`, so that DataLoader worker processes can receive it.
+        """
+        return partial(load_image, path, self.size, self.in_chans, self.window)
+
+
+def _npz_image(images: np.ndarray, j: int) -> np.ndarray:
+    return to_uint8(images[j])
 
 
 def read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -263,7 +271,7 @@ def collect(
             images, split_labels = read_npz_split(path, split)
             for j in range(len(images)):
                 label = None if split_labels is None else split_labels[j].tolist()
-                load = lambda a=images, j=j: to_uint8(a[j])  # noqa: E731
+                load = partial(_npz_image, images, j)
                 items.append(Item(f"{path.name}:{split}", load, label))
         elif path.is_dir():
             files = image_files(path)
