@@ -26,14 +26,27 @@ from __future__ import annotations
 
 import csv
 import inspect
-import os
-import stat
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from medvit.data.problems import (
+    MAX_LISTED,
+    DataSourceError,
+    Problem,
+    abs_path,
+    bad_files,
+    check,
+    drop,
+    row_problem,
+    show_path,
+    validate,
+)
+from medvit.data.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, is_image_file
+from medvit.data.splitting import SPLIT_NAMES, make_splits, with_splits
 
 __all__ = [
     "DICOM_SUFFIXES",
@@ -56,55 +69,11 @@ __all__ = [
     "with_splits",
 ]
 
-# Local copies of the suffixes medvit.data.readers decodes (kept equal; merged with readers.py).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-DICOM_SUFFIXES = (".dcm", ".dicom")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-SPLIT_NAMES = ("train", "val", "test")
 TASKS = ("binary", "multiclass", "multilabel", "ordinal")
-#: Paths listed per problem kind; the count always gives the full number.
-MAX_LISTED = 20
 
 # Spellings of split names found in the wild (Kaggle folders, CSV columns), case-insensitive.
 _SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 _SPLIT_ALIASES.update({s: s for s in SPLIT_NAMES})
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One kind of problem in a data source, with everything it concerns.
-
-    Attributes:
-        kind: what is wrong, plural (``"missing files"``, ``"unknown labels"``, ...).
-        items: what to show, one entry per path (or class, column, patient), as the user wrote it.
-        hint: one clause on why or what to do, shown after the kind.
-        paths: absolute paths of the table rows concerned (what :func:`drop` takes).
-        skippable: a bad file that ``on_bad_file=skip`` may leave out; other problems always stop.
-    """
-
-    kind: str
-    items: tuple[str, ...]
-    hint: str = ""
-    paths: tuple[Path, ...] = ()
-    skippable: bool = False
-
-    def __str__(self) -> str:
-        n = len(self.items)
-        shown = ", ".join(self.items[:MAX_LISTED])
-        more = f", first {MAX_LISTED} shown" if n > MAX_LISTED else ""
-        hint = f" ({self.hint})" if self.hint else ""
-        return f"{self.kind}{hint} [{n}{more}]: {shown}"
-
-
-class DataSourceError(ValueError):
-    """Everything wrong with a data source, one line per kind of problem."""
-
-    def __init__(self, source: Path | str, problems: Sequence[Problem]) -> None:
-        self.source = Path(source)
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        n = len(self.problems)
-        super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''} in the data:\n{lines}")
 
 
 @dataclass
@@ -140,19 +109,7 @@ class Table:
 
     def rel_paths(self) -> list[str]:
         """Paths as the user wrote them: relative to ``root`` when inside it, else absolute."""
-        return [_show(p, self.root) for p in self.paths]
-
-
-def _show(path: Path, root: Path) -> str:
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def _abs(path: Path | str) -> Path:
-    # normpath, not resolve(): "a/../b.png" and "./b.png" compare equal, symlinks stay as given.
-    return Path(os.path.normpath(os.path.abspath(path)))
+        return [show_path(p, self.root) for p in self.paths]
 
 
 def _is_int(text: str) -> bool:
@@ -167,21 +124,6 @@ def _class_order(names: Iterable[str]) -> list[str]:
     if names and all(n.isdigit() for n in names):
         return sorted(names, key=int)
     return names
-
-
-def _has_dicom_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
-def _is_image_file(path: Path) -> bool:
-    name = path.name.lower()
-    if name.endswith(IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES):
-        return True
-    return _has_dicom_magic(path)
 
 
 def _task(task: str | None, n_classes: int, source: Path) -> str:
@@ -212,7 +154,7 @@ def scan_folder(
     Raises:
         DataSourceError: no such folder, no class folders, or split folders mixed with others.
     """
-    root = _abs(path)
+    root = abs_path(path)
     if not root.is_dir():
         raise DataSourceError(root, [Problem("no such folder", (str(path),))])
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -235,7 +177,7 @@ def scan_folder(
                 parts = f.relative_to(class_dir).parts
                 if any(p.startswith(".") for p in parts) or not f.is_file():
                     continue
-                if _is_image_file(f):
+                if is_image_file(f):
                     found.append((split, class_dir.name, f))
     if not folder_names:
         where = "train/, val/, test/" if split_dirs else str(root)
@@ -252,7 +194,7 @@ def scan_folder(
     problems = []
     if unknown:
         hint = f"class folders not in class_names {names}"
-        problems.append(_row_problem("unknown labels", unknown, root, hint))
+        problems.append(row_problem("unknown labels", unknown, root, hint))
     return Table(
         root=root,
         paths=[f for _, _, f in rows],
@@ -263,15 +205,6 @@ def scan_folder(
         source=root,
         problems=problems,
     )
-
-
-def _row_problem(
-    kind: str, paths: Sequence[Path], root: Path, hint: str = "", values: Sequence[str] = ()
-) -> Problem:
-    items = [_show(p, root) for p in paths]
-    if values:
-        items = [f"{i} ({v})" for i, v in zip(items, values, strict=True)]
-    return Problem(kind, tuple(items), hint, tuple(paths))
 
 
 def _sniff_delimiter(path: Path, header: str) -> str:
@@ -314,7 +247,7 @@ def read_csv(
             lists the columns it has). Problems in rows are returned in ``Table.problems``.
         ValueError: an unknown ``task``, or one the labels cannot have.
     """
-    file = _abs(path)
+    file = abs_path(path)
     if not file.is_file():
         raise DataSourceError(file, [Problem("no such file", (str(path),))])
     with open(file, newline="", encoding="utf-8-sig") as f:
@@ -385,7 +318,7 @@ def _parse_rows(
         elif not r[col[path_column]]:
             bad["empty paths", f"column '{path_column}'"].append((f"line {line}", None, ""))
         else:
-            rows.append((r, _abs(root / r[col[path_column]])))
+            rows.append((r, abs_path(root / r[col[path_column]])))
     # Labels are resolved over every well-formed row, so class names do not depend on which rows
     # have other problems; a row with any problem is then left out.
     flagged = np.zeros(len(rows), dtype=bool)
@@ -422,7 +355,7 @@ def _parse_rows(
     problems = []
     for (kind, hint), entries in bad.items():
         items = tuple(
-            _show(p, root) + (f" ({v})" if v else "") if p is not None else where
+            show_path(p, root) + (f" ({v})" if v else "") if p is not None else where
             for where, p, v in entries
         )
         problems.append(Problem(kind, items, hint, tuple(p for _, p, _ in entries if p)))
@@ -484,218 +417,3 @@ def load_table(path: Path | str, **options) -> Table:
             raise ValueError(f"{path} is a folder; options {changed} are for a CSV file.")
         return scan_folder(path, options.get("task"), options.get("class_names"))
     return read_csv(path, **options)
-
-
-def validate(table: Table) -> list[Problem]:
-    """Every problem of ``table``: its unparsable rows, then what a stat of each file finds.
-
-    Kinds: missing files (or not a regular file), empty (0-byte) files, duplicate paths, empty
-    classes (a class, or finding, with no sample among the rows kept), fewer than 2 classes, no
-    samples, patients whose rows have conflicting explicit splits. Files are not decoded; the
-    paths of rows left out while parsing are stat'ed too, so one error lists everything.
-    """
-    problems = list(table.problems)
-    missing, empty = [], []
-    left_out = [p for prob in table.problems if not prob.skippable for p in prob.paths]
-    for p in dict.fromkeys([*table.paths, *left_out]):
-        try:
-            st = os.stat(p)
-        except OSError:
-            missing.append(p)
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            missing.append(p)
-        elif st.st_size == 0:
-            empty.append(p)
-    root = table.root
-    if missing:
-        hint = "not found, or not a regular file"
-        problems.append(replace(_row_problem("missing files", missing, root, hint), skippable=True))
-    if empty:
-        problems.append(
-            replace(_row_problem("empty files", empty, root, "0 bytes"), skippable=True)
-        )
-    counts = Counter(table.paths)
-    dups = [p for p in dict.fromkeys(table.paths) if counts[p] > 1]
-    if dups:
-        problems.append(
-            _row_problem("duplicate paths", dups, root, "listed twice or more",
-                         [f"{counts[p]} rows" for p in dups])
-        )  # fmt: skip
-    if not len(table):
-        problems.append(Problem("no samples", (str(table.source or root),)))
-    elif table.task != "multilabel" and len(table.class_names) < 2:
-        problems.append(Problem("too few classes", tuple(table.class_names), "need at least 2"))
-    if len(table):
-        labels = np.asarray(table.labels)
-        if table.task == "multilabel":
-            per_class = (labels != 0).sum(0)
-        else:
-            per_class = np.bincount(labels, minlength=len(table.class_names))
-        hollow = tuple(n for n, c in zip(table.class_names, per_class, strict=False) if c == 0)
-        if hollow:
-            problems.append(Problem("empty classes", hollow, "no usable sample has them"))
-    if table.splits is not None and table.patient_ids is not None:
-        seen: dict[str, set[str]] = defaultdict(set)
-        for pid, split in zip(table.patient_ids, table.splits, strict=True):
-            seen[str(pid)].add(str(split))
-        leaks = [(pid, s) for pid, s in seen.items() if len(s) > 1]
-        if leaks:
-            items = tuple(f"{pid} ({', '.join(sorted(s))})" for pid, s in leaks)
-            problems.append(Problem("patients in several splits", items, "a patient leak"))
-    return problems
-
-
-def check(table: Table) -> Table:
-    """Return ``table`` when :func:`validate` finds nothing; else raise one DataSourceError."""
-    problems = validate(table)
-    if problems:
-        raise DataSourceError(table.source or table.root, problems)
-    return table
-
-
-def bad_files(problems: Iterable[Problem]) -> list[Path]:
-    """Paths of the skippable problems (missing, empty, unreadable files), each once."""
-    return list(dict.fromkeys(p for prob in problems if prob.skippable for p in prob.paths))
-
-
-def drop(table: Table, bad_paths: Iterable[Path | str]) -> Table:
-    """A copy of ``table`` without the rows of ``bad_paths`` (``on_bad_file=skip``).
-
-    Class names stay, so a class emptied by the drop is still reported by :func:`validate`.
-
-    Paths of rows already left out (``Table.problems``) are accepted and change nothing.
-
-    Raises:
-        ValueError: a path that is not in the table (a caller bug, named).
-    """
-    bad = {_abs(table.root / p) for p in bad_paths}
-    unknown = bad - set(table.paths) - {p for prob in table.problems for p in prob.paths}
-    if unknown:
-        raise ValueError(f"not in the table: {', '.join(sorted(map(str, unknown))[:MAX_LISTED])}")
-    keep = np.array([p not in bad for p in table.paths], dtype=bool)
-    take = lambda a: None if a is None else np.asarray(a)[keep]  # noqa: E731
-    return replace(
-        table,
-        paths=[p for p, k in zip(table.paths, keep, strict=True) if k],
-        labels=np.asarray(table.labels)[keep],
-        patient_ids=take(table.patient_ids),
-        splits=take(table.splits),
-        extra={k: v[keep] for k, v in table.extra.items()},
-    )
-
-
-def make_splits(
-    labels: np.ndarray | Sequence,
-    patient_ids: np.ndarray | Sequence | None = None,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-) -> np.ndarray:
-    """A seeded, stratified, patient-grouped train/val/test split.
-
-    Whole patients are assigned (every row is its own patient without ``patient_ids``), so no
-    patient is in two splits. The assignment is iterative stratification (Sechidis et al., 2011)
-    over patients, with unequal split sizes: the class (or finding) with the fewest unassigned
-    samples goes first, each of its patients to the split that most lacks it. Before that, a
-    split that has none of the class yet takes the patient when it fits (train, then test, then
-    val), so every class is in every split when it has a patient for each. Multi-label rows with
-    no finding count as one more class. Class counts per split end within a patient or two of
-    ``fraction * class count``.
-
-    Args:
-        labels: (N,) class per row (or (N, 1)), or (N, L) 0/1 for multi-label.
-        patient_ids: (N,) patient per row, any values compared as strings, or None.
-        val_fraction: share of rows for ``val`` (0 for none).
-        test_fraction: share of rows for ``test`` (0 for none).
-        seed: the same labels, patients and seed always give the same split.
-
-    Returns:
-        (N,) str array of ``train``, ``val`` and ``test``.
-    """
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(
-            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and "
-            "sum to less than 1."
-        )
-    labels = np.asarray(labels)
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    n = len(labels)
-    if labels.ndim == 1:
-        _, klass = np.unique(labels, return_inverse=True)
-        onehot = np.zeros((n, int(klass.max(initial=0)) + 1), dtype=np.int64)
-        onehot[np.arange(n), klass] = 1
-    else:
-        onehot = (labels != 0).astype(np.int64)
-        onehot = np.column_stack([onehot, onehot.sum(1) == 0]).astype(np.int64)
-    if patient_ids is None:
-        member = np.arange(n)
-    else:
-        patient_ids = np.asarray(patient_ids).astype(str)
-        if patient_ids.shape != (n,):
-            raise ValueError(f"patient_ids has shape {patient_ids.shape}; expected ({n},).")
-        _, member = np.unique(patient_ids, return_inverse=True)
-    n_groups = int(member.max(initial=-1)) + 1
-    counts = np.zeros((n_groups, onehot.shape[1]), dtype=np.int64)
-    np.add.at(counts, member, onehot)
-    sizes = np.bincount(member, minlength=n_groups)
-    fractions = np.array([1 - val_fraction - test_fraction, val_fraction, test_fraction])
-    want, want_size = fractions[:, None] * counts.sum(0), fractions * n
-    have, have_size = np.zeros_like(want), np.zeros(3)
-    split_of = np.full(n_groups, -1, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n_groups)
-    while (split_of < 0).any():
-        unplaced = order[split_of[order] < 0]
-        remaining = counts[unplaced].sum(0).astype(float)
-        remaining[remaining == 0] = np.inf
-        label = int(np.argmin(remaining))  # every group has a class, so one remains
-        for g in unplaced[counts[unplaced, label] > 0]:
-            split = next(
-                (
-                    s
-                    for s in (0, 2, 1)  # train, test, val: the order a scarce class fills them
-                    if fractions[s] > 0
-                    and have[s, label] == 0
-                    and sizes[g] <= np.ceil(want_size[s] - have_size[s])
-                ),
-                None,
-            )
-            if split is None:
-                need = np.where(fractions > 0, want[:, label] - have[:, label], -np.inf)
-                best = np.flatnonzero(np.isclose(need, need.max()))
-                if len(best) > 1:
-                    room = (want_size - have_size)[best]
-                    best = best[np.isclose(room, room.max())]
-                split = int(best[0] if len(best) == 1 else rng.choice(best))
-            split_of[g] = split
-            have[split] += counts[g]
-            have_size[split] += sizes[g]
-    return np.array(SPLIT_NAMES)[split_of[member]] if n else np.array([], dtype=str)
-
-
-def with_splits(
-    table: Table, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
-) -> Table:
-    """``table`` with a split per row: the given splits, or :func:`make_splits`'s.
-
-    Explicit splits are kept as they are. When they have no ``val`` rows (a ``train``/``test``
-    folder) and ``val_fraction > 0``, ``val`` is carved out of ``train`` the same way, by
-    patient, ``val_fraction`` being a share of all rows; ``test`` is never invented.
-    """
-    if table.splits is None:
-        splits = make_splits(table.labels, table.patient_ids, val_fraction, test_fraction, seed)
-        return replace(table, splits=splits)
-    train = table.splits == "train"
-    if (table.splits == "val").any() or val_fraction == 0 or not train.any():
-        return table
-    share = val_fraction / train.mean()
-    if share >= 1:
-        raise ValueError(
-            f"val_fraction={val_fraction} of all rows exceeds the train split ({train.mean():.2f})."
-        )
-    pids = None if table.patient_ids is None else table.patient_ids[train]
-    splits = table.splits.copy()
-    splits[train] = make_splits(np.asarray(table.labels)[train], pids, share, 0.0, seed)
-    return replace(table, splits=splits)
