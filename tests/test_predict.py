@@ -427,12 +427,12 @@ def test_multilabel_listing_reads_one_column_per_class(tmp_path):
     got = np.array([[float(r[f"prob_{n}"]) for n in findings] for r in rows])
     np.testing.assert_allclose(got, expected, atol=2e-6)
     assert [r["prediction"] for r in rows] == [
-        ";".join(n for n, p in zip(findings, row, strict=True) if p >= 0.5) for row in expected
+        ";".join(n for n, p in zip(findings, row, strict=True) if p > 0.5) for row in expected
     ]
 
 
 def test_window_values_are_checked_in_one_line():
-    from medvit.evaluate.predict_inputs import check_window
+    from medvit.data.readers import parse_window as check_window
 
     assert check_window(None) is None
     assert check_window("40,400") == check_window([40, 400]) == (40.0, 400.0)

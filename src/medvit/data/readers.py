@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -135,15 +135,21 @@ def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
 
 
-def _check_window(window: tuple[float, float] | None) -> tuple[float, float] | None:
+def parse_window(window: Any) -> tuple[float, float] | None:
+    """``(center, width)`` as floats, or None; a ValueError in one line when it is not a window.
+
+    Takes a pair or the text ``"center,width"`` (as a command line, config or checkpoint holds it).
+    """
     if window is None:
         return None
+    if isinstance(window, str):
+        window = window.replace(" ", "").split(",")
     try:
         center, width = (float(v) for v in window)
     except (TypeError, ValueError):
-        raise ValueError(f"window must be (center, width), got {window!r}") from None
+        raise ValueError(f"window must be (center, width), e.g. 40,400; got {window!r}.") from None
     if not (np.isfinite(center) and np.isfinite(width)) or width < 1:
-        raise ValueError(f"window width must be a finite number >= 1, got {window!r}")
+        raise ValueError(f"window width must be a finite number >= 1, got {window!r}.")
     return center, width
 
 
@@ -280,7 +286,7 @@ def read_pixels(path: str | Path, window: tuple[float, float] | None = None) -> 
         ValueError: ``window`` is not ``(center, width)`` with width >= 1.
     """
     path = Path(path)
-    window = _check_window(window)
+    window = parse_window(window)
     try:
         size = path.stat().st_size
     except FileNotFoundError:

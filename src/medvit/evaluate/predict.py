@@ -265,7 +265,9 @@ def predict(
                     row.update({f"prob_{n}": round(float(v), 6) for n, v in probs_row})
                     if hp.task == "multilabel":
                         row["prediction"] = ";".join(
-                            n for n, v in zip(names, p, strict=True) if v >= 0.5
+                            n
+                            for n, v in zip(names, p, strict=True)
+                            if v > 0.5  # as the metrics count a label
                         )
                     else:
                         row["prediction"] = names[int(p.argmax())]

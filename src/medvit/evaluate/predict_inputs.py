@@ -7,7 +7,6 @@ of them (recursively), CSV/TSV listings of paths (:func:`medvit.data.sources.rea
 
 from __future__ import annotations
 
-import math
 import os
 import zipfile
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 from medmnist import INFO
 
-from medvit.data.readers import IMAGE_SUFFIXES, is_image_file, load_image, to_uint8
+from medvit.data.readers import IMAGE_SUFFIXES, is_image_file, load_image, parse_window, to_uint8
 from medvit.data.sources import DataSourceError, Table, read_csv, scan_folder
 
 #: Inputs read as a listing of image paths (CSV, or TSV by suffix), not as an image.
@@ -95,24 +94,6 @@ def read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | Non
     return images, labels
 
 
-def check_window(window: Any) -> tuple[float, float] | None:
-    """``(center, width)`` as floats, or None; ValueError in one line when it is not a window.
-
-    Takes a pair or the text ``"center,width"`` (as a config or checkpoint may hold it).
-    """
-    if window is None:
-        return None
-    if isinstance(window, str):
-        window = window.split(",")
-    try:
-        center, width = (float(v) for v in window)
-    except (TypeError, ValueError):
-        raise ValueError(f"window must be (center, width), got {window!r}.") from None
-    if not (math.isfinite(center) and math.isfinite(width)) or width < 1:
-        raise ValueError(f"window width must be a finite number >= 1, got {window!r}.")
-    return center, width
-
-
 def decoding_for(hp: Any, data_hp: dict[str, Any], window: Any) -> Decoding:
     """Decode files as the training data was: its channels, its decode size, its window.
 
@@ -125,7 +106,7 @@ def decoding_for(hp: Any, data_hp: dict[str, Any], window: Any) -> Decoding:
     own = data_hp.get("in_chans") or hp.in_chans
     in_chans = INFO[flag]["n_channels"] if flag in INFO else own
     size = data_hp.get("size") or hp.img_size
-    window = check_window(window if window is not None else data_hp.get("window"))
+    window = parse_window(window if window is not None else data_hp.get("window"))
     return Decoding(int(size), int(in_chans), window)
 
 
