@@ -260,6 +260,7 @@ class ImageDataModule(ArrayDataModule):
                 raise DataSourceError(source, [*problems, *more])
         splits = self._splits(kept)
         if self._is_writer() and self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             patients = kept.patient_ids
             runs.write_splits(self.run_dir / runs.SPLITS_FILE, kept.rel_paths(), splits, patients)
         decoded = decode_to_cache(

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from medvit import runs
+from medvit.data.arrays import ArrayDataModule
+from medvit.data.images import ImageDataModule
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.models.checkpoint import CheckpointError, is_local_file_path, load_checkpoint
 from medvit.models.module import ViTClassifier
@@ -25,6 +29,61 @@ from medvit.train.tracking import WandbOptions, build_loggers
 from medvit.train.wandb_logging import WandbTestMedia
 
 RUN_DIR_ENV = "MEDVIT_RUN_DIR"
+#: The DataModules ``--data CLASS`` selects by name (imported above so jsonargparse knows them).
+DATA_CLASSES = (MedMNISTDataModule, ImageDataModule)
+
+
+def _yaml_names_data_class(path: str, top_level: bool) -> bool:
+    """Whether a config file gives ``data`` (or, for a ``--data`` file, itself) a class_path."""
+    try:
+        content = yaml.safe_load(Path(path).expanduser().read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # the parser reports an unreadable config itself
+    section = content.get("data") if top_level and isinstance(content, dict) else content
+    if isinstance(section, str) and top_level:
+        return _yaml_names_data_class(section, top_level=False)
+    return isinstance(section, dict) and "class_path" in section
+
+
+def data_class_requested(argv: list[str]) -> bool:
+    """Whether the arguments select a DataModule class: ``--data ImageDataModule``,
+    ``--data.class_path ...``, or a config file whose ``data`` has a ``class_path``.
+
+    Only then does the CLI parse ``data`` in LightningCLI's subclass mode (config files and
+    ``config.yaml`` then hold ``data: {class_path, init_args}``). Otherwise ``data`` is
+    MedMNISTDataModule's own arguments, exactly as before own data existed, so every existing
+    config, saved run config and ``--data.flag`` works unchanged.
+    """
+    found = False
+    words = [str(w) for w in argv]
+    for i, word in enumerate(words):
+        name, eq, value = word.partition("=")
+        if not eq:
+            value = words[i + 1] if i + 1 < len(words) else ""
+        if name in ("-c", "--config"):
+            found |= _yaml_names_data_class(value, top_level=True)
+        elif name in ("--data", "--data.class_path") and value:
+            if value.endswith((".yaml", ".yml", ".json")):
+                found |= _yaml_names_data_class(value, top_level=False)
+            else:
+                found = True
+    return found
+
+
+def data_init_args(data_config: Any) -> Any:
+    """The DataModule's arguments in a parsed config, in subclass mode or not."""
+    if "class_path" in data_config:
+        return data_config.get("init_args") or {}
+    return data_config
+
+
+def data_label(hp: Any) -> str | None:
+    """How messages name the data of DataModule hyper-parameters: ``pathmnist_64``, ``chest_xray``."""
+    if hp.get("flag"):
+        return hp["flag"] + ("" if hp.get("size") in (None, 28) else f"_{hp['size']}")
+    if hp.get("path"):
+        return Path(str(hp["path"]).rstrip("/")).name
+    return None
 
 
 def describe_training_data(
@@ -61,10 +120,12 @@ def checkpoint_data_mismatch(
     if saved == wanted and (saved_names is None or saved_names == list(data.class_names)):
         return None
     data_hp = ckpt.get("datamodule_hyper_parameters") or {}
-    trained_on = data_hp.get("flag") or "other data"
-    if data_hp.get("size") not in (None, 28):
-        trained_on += f"_{data_hp['size']}"
-    name = data.hparams.flag + ("" if data.hparams.size == 28 else f"_{data.hparams.size}")
+    trained_on = data_label(data_hp)
+    if trained_on is None:
+        trained_on = "other data"
+        if data_hp.get("size") not in (None, 28):
+            trained_on += f"_{data_hp['size']}"
+    name = data_label(data.hparams)
     return (
         f"checkpoint {ckpt_path} was trained on "
         f"{describe_training_data(trained_on, saved[0], saved_names, *saved[1:])} but the data "
@@ -178,7 +239,15 @@ class MedViTCLI(LightningCLI):
         self.run_dir: Path | None = None
         # The --ckpt_path checkpoint, read safely once while parsing; checked again for fit.
         self._checkpoint: dict[str, Any] | None = None
-        super().__init__(ViTClassifier, MedMNISTDataModule, *args, **kwargs)
+        argv = kwargs.get("args")
+        argv = sys.argv[1:] if argv is None else argv
+        # --data CLASS: LightningCLI's subclass mode, MedMNISTDataModule its default class.
+        self.data_subclass_mode = isinstance(argv, (list, tuple)) and data_class_requested(argv)
+        data_class: type = MedMNISTDataModule
+        if self.data_subclass_mode:
+            kwargs["subclass_mode_data"] = True
+            data_class = ArrayDataModule
+        super().__init__(ViTClassifier, data_class, *args, **kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -186,6 +255,12 @@ class MedViTCLI(LightningCLI):
         return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        if self.data_subclass_mode:
+            # A config's data arguments without class_path (the experiment configs) are
+            # MedMNISTDataModule's, until --data names another class.
+            parser.set_defaults(
+                {"data": {"class_path": f"{MedMNISTDataModule.__module__}.MedMNISTDataModule"}}
+            )
         for key in ("num_classes", "in_chans", "img_size", "task", "class_names"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
         parser.link_arguments("data.positive_index", "model.positive_class", apply_on="instantiate")
@@ -250,10 +325,22 @@ class MedViTCLI(LightningCLI):
             if not config.get("force"):
                 # A checkpoint of another dataset would run and file its numbers under this
                 # data's name. The data module's constructor only validates its arguments.
-                data = MedMNISTDataModule(**config.data.as_dict())
+                data = self._data_for_check(config.data)
                 problem = checkpoint_data_mismatch(ckpt_path, ckpt, data)
                 if problem:
                     raise CheckpointError(problem)
+
+    @staticmethod
+    def _data_for_check(data_config: Any) -> ArrayDataModule:
+        """The configured DataModule, built only to compare it with a checkpoint."""
+        if "class_path" not in data_config:
+            return MedMNISTDataModule(**data_config.as_dict())
+        from jsonargparse import Namespace
+        from jsonargparse._util import import_object
+
+        init = data_init_args(data_config)
+        init = init.as_dict() if isinstance(init, Namespace) else dict(init)
+        return import_object(data_config.class_path)(**init)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -326,7 +413,9 @@ class MedViTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = self._subconfig()
-        name = runs.experiment_name(config.run.name, config.data.flag, config.data.size)
+        data_args = data_init_args(config.data)
+        flag = data_args.get("flag") or self.datamodule.dataset_name
+        name = runs.experiment_name(config.run.name, flag, data_args.get("size"))
         resumed = (
             _run_dir_of_checkpoint(config.get("ckpt_path")) if self.subcommand == "fit" else None
         )
@@ -353,6 +442,11 @@ class MedViTCLI(LightningCLI):
             run_dir = runs.new_run_dir(Path(config.run.root).expanduser().resolve(), name, suffix)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
+        if isinstance(self.datamodule, ImageDataModule):
+            # Where a made train/val/test split is written and read back (on resume), and
+            # where a checkpoint's run keeps it (medvit test writes a new folder).
+            self.datamodule.run_dir = run_dir
+            self.datamodule.source_run_dir = _run_dir_of_checkpoint(config.get("ckpt_path"))
         if (
             self.subcommand == "fit"
             and config.get("ckpt_path")
