@@ -88,7 +88,7 @@ def cache_key(
         except OSError:
             stamp = "missing"
         digest.update(f"{path}\0{stamp}\0{split}\n".encode())
-    labels = np.ascontiguousarray(np.asarray(labels, dtype=np.int64))
+    labels = np.ascontiguousarray(np.asarray(labels, dtype=np.int64).reshape(len(paths), -1))
     digest.update(str(labels.shape).encode())
     digest.update(labels.tobytes())
     return digest.hexdigest()
