@@ -151,6 +151,17 @@ def test_cache_is_reused_and_rebuilt_when_a_file_or_an_option_changes(
     assert windowed._folder != bigger._folder and len(calls) == 48
 
 
+def test_decoding_in_several_processes_gives_the_same_arrays(tmp_path: Path) -> None:
+    folder = class_folders(tmp_path / "imgs", per_class=40)  # over the pool's minimum
+    alone = module(folder, tmp_path / "one")
+    alone.prepare_data()
+    pooled = module(folder, tmp_path / "two", decode_workers=2)
+    pooled.prepare_data()
+    for name in ("train_images", "test_labels", "val_images"):
+        a = np.load(alone._folder / f"{name}.npy")
+        assert np.array_equal(a, np.load(pooled._folder / f"{name}.npy")) and len(a)
+
+
 def test_an_interrupted_build_is_never_reused(tmp_path: Path, monkeypatch) -> None:
     folder = class_folders(tmp_path / "imgs", per_class=6)
     calls = count_decodes(monkeypatch)

@@ -47,7 +47,8 @@ def _yaml_names_data_class(path: str, top_level: bool) -> bool:
 
 def data_class_requested(argv: list[str]) -> bool:
     """Whether the arguments select a DataModule class: ``--data ImageDataModule``,
-    ``--data.class_path ...``, or a config file whose ``data`` has a ``class_path``.
+    ``--data.class_path ...``, ``--data.help CLASS``, or a config file whose ``data`` has a
+    ``class_path``.
 
     Only then does the CLI parse ``data`` in LightningCLI's subclass mode (config files and
     ``config.yaml`` then hold ``data: {class_path, init_args}``). Otherwise ``data`` is
@@ -62,7 +63,7 @@ def data_class_requested(argv: list[str]) -> bool:
             value = words[i + 1] if i + 1 < len(words) else ""
         if name in ("-c", "--config"):
             found |= _yaml_names_data_class(value, top_level=True)
-        elif name in ("--data", "--data.class_path") and value:
+        elif name in ("--data", "--data.class_path", "--data.help") and value:
             if value.endswith((".yaml", ".yml", ".json")):
                 found |= _yaml_names_data_class(value, top_level=False)
             else:
