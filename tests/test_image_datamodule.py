@@ -6,9 +6,11 @@ import csv
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import yaml
 from conftest import short_trainer_args
@@ -19,10 +21,12 @@ from medvit.cli import main
 from medvit.data import decode
 from medvit.data.files import release_caches
 from medvit.data.images import ImageDataModule
+from medvit.data.readers import load_image
 from medvit.data.sources import DataSourceError
 from medvit.train.cli import MedViTCLI, data_class_requested
 
 ROOT = Path(__file__).resolve().parents[1]
+DICOM_DIR = Path(pydicom.__file__).parent / "data" / "test_files"  # files inside pydicom's wheel
 RECIPE = str(ROOT / "configs" / "experiment" / "breastmnist.yaml")
 
 
@@ -198,14 +202,25 @@ def test_an_interrupted_build_is_never_reused(tmp_path: Path, monkeypatch) -> No
     assert np.load(unmarked / "train_images.npy").shape[0] == data._split_sizes["train"] > 1
 
 
+BAD = {  # file -> the kind of problem the one error lists it under
+    "img/missing.png": "missing files",
+    "img/empty.png": "empty files",
+    "img/corrupt.png": "unreadable files",
+    "img/plan.dcm": "DICOM files without pixel data",
+    "img/cine.dcm": "multi-frame files",
+}
+
+
 def bad_csv(tmp: Path) -> Path:
-    """A CSV of 12 good PNGs plus a missing file, an empty file and a corrupt PNG."""
+    """A CSV of 12 good PNGs plus one bad file of each kind in ``BAD``."""
     path = patient_csv(tmp, patients=6, per_patient=2)
     (tmp / "img" / "empty.png").write_bytes(b"")
     (tmp / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    shutil.copyfile(DICOM_DIR / "rtplan.dcm", tmp / "img" / "plan.dcm")  # no pixel data
+    shutil.copyfile(DICOM_DIR / "examples_ybr_color.dcm", tmp / "img" / "cine.dcm")  # 30 frames
     with open(path, "a", newline="") as fh:
         writer = csv.writer(fh)
-        for i, name in enumerate(("img/missing.png", "img/empty.png", "img/corrupt.png")):
+        for i, name in enumerate(BAD):
             writer.writerow([name, ["normal", "tumour"][i % 2], f"P{i}"])
     return path
 
@@ -215,28 +230,26 @@ def test_bad_files_are_one_error_listing_each_before_training(tmp_path: Path) ->
     with pytest.raises(DataSourceError) as err:
         data.prepare_data()
     text = str(err.value)
-    for kind, name in (
-        ("missing files", "img/missing.png"),
-        ("empty files", "img/empty.png"),
-        ("unreadable files", "img/corrupt.png"),
-    ):
-        assert f"{kind}" in text and name in text
-    assert "[1]" in text and "--data.on_bad_file skip" in text
+    lines = {line.strip(" -").split(" [")[0].split(" (")[0]: line for line in text.splitlines()}
+    for name, kind in BAD.items():
+        assert name in lines[kind] and "[1]" in lines[kind]  # each kind, its file and count
+    assert "5 problems" in text and "--data.on_bad_file skip" in text
 
 
 def test_on_bad_file_skip_trains_without_them_and_lists_them(tmp_path: Path) -> None:
     data = module(bad_csv(tmp_path), tmp_path, on_bad_file="skip")
     data.run_dir = tmp_path / "run"
-    with pytest.warns(UserWarning, match="3 bad file"):
+    with pytest.warns(UserWarning, match="5 bad file"):
         data.prepare_data()
     data.setup()
     assert sum(data._split_sizes.values()) == 12
     skipped = dict(runs.read_skipped_files(data.run_dir / runs.SKIPPED_FILE))
-    assert set(skipped) == {"img/missing.png", "img/empty.png", "img/corrupt.png"}
+    assert set(skipped) == set(BAD)
     assert skipped["img/missing.png"] == "missing files" and "image" in skipped["img/corrupt.png"]
+    assert "no pixel data" in skipped["img/plan.dcm"] and "30 frames" in skipped["img/cine.dcm"]
     manifest = json.loads((data._folder / decode.MANIFEST).read_text())
-    assert not any(p.endswith(("missing.png", "empty.png", "corrupt.png"))
-                   for paths in manifest["paths"].values() for p in paths)  # fmt: skip
+    kept = [p for paths in manifest["paths"].values() for p in paths]
+    assert len(kept) == 12 and not any(p.endswith(tuple(BAD)) for p in kept)
 
 
 def test_made_split_keeps_patients_together_is_written_and_read_back(tmp_path: Path) -> None:
@@ -286,6 +299,31 @@ def test_explicit_split_column_is_used_as_given(tmp_path: Path) -> None:
     manifest = json.loads((data._folder / decode.MANIFEST).read_text())
     want = [str(tmp_path / r["path"]) for r in rows if r["split"] == "val"]
     assert manifest["paths"]["val"] == want  # the CSV's order within a split
+
+
+def test_dicom_files_in_a_csv_decode_with_the_window_override(tmp_path: Path) -> None:
+    """Real CT and MR files from pydicom; --data.window replaces their own display window."""
+    rows = [["path", "label", "split"]]
+    for name, label in (("CT_small.dcm", "ct"), ("MR_small.dcm", "mr")):
+        for i, split in enumerate(("train", "train", "val", "test")):
+            shutil.copyfile(DICOM_DIR / name, tmp_path / f"{label}{i}.dcm")
+            rows.append([f"{label}{i}.dcm", label, split])
+    with open(tmp_path / "scans.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    own = module(tmp_path / "scans.csv", tmp_path)
+    own.prepare_data()
+    windowed = module(tmp_path / "scans.csv", tmp_path, window="40,400")
+    windowed.prepare_data()
+    assert own.in_chans == 1 and own.class_names == ["ct", "mr"]
+    assert own._split_sizes == {"train": 4, "val": 2, "test": 2}
+    first = tmp_path / "ct0.dcm"
+    for data, window in ((own, None), (windowed, (40.0, 400.0))):
+        train = np.load(data._folder / "train_images.npy")
+        np.testing.assert_array_equal(train[0], load_image(first, 16, 1, window))
+    assert not np.array_equal(
+        np.load(own._folder / "train_images.npy")[0],
+        np.load(windowed._folder / "train_images.npy")[0],
+    )
 
 
 # ---------------------------------------------------------------------------------- the CLI

@@ -276,17 +276,14 @@ class ImageDataModule(ArrayDataModule):
             workers=self._decode_workers(),
         )
         if decoded.failed or missing:
-            unreadable = Problem(
-                "unreadable files",
-                tuple(f"{_show(p, table.root)} ({why})" for p, why, _ in decoded.failed),
-                "cannot be decoded",
-                tuple(p for p, _, _ in decoded.failed),
-                skippable=True,
-            )
-            found = [*problems, *([unreadable] if decoded.failed else [])]
+            found = [*problems, *_decode_problems(decoded.failed, table.root)]
             if not skip:
-                hint = "fix or remove them, or pass --data.on_bad_file skip to train without them"
-                raise DataSourceError(source, [*found, Problem("what to do", (hint,))])
+                err = DataSourceError(source, found)
+                err.args = (
+                    f"{err.args[0]}\nFix or remove these files, or pass --data.on_bad_file skip "
+                    "to train without them (they are then listed in the run folder).",
+                )
+                raise err
             self.skipped = [
                 (_show(p, table.root), prob.kind) for prob in problems for p in prob.paths
             ] + [(_show(p, table.root), why) for p, why, _ in decoded.failed]
@@ -343,6 +340,29 @@ class ImageDataModule(ArrayDataModule):
         return make_splits(
             table.labels, table.patient_ids, hp.val_fraction, hp.test_fraction, hp.split_seed
         )
+
+
+#: How the one error names each kind of decoding failure (``ImageReadError.kind``).
+_FAILURE_KINDS = {
+    "missing": "missing files",
+    "empty": "empty files",
+    "no_pixel_data": "DICOM files without pixel data",
+    "multi_frame": "multi-frame files",
+    "unsupported": "unsupported images",
+    "unreadable": "unreadable files",
+}
+
+
+def _decode_problems(failed: list[tuple[Path, str, str]], root: Path) -> list[Problem]:
+    """Files that failed to decode as problems, one per kind (in the order above)."""
+    problems = []
+    for kind, title in _FAILURE_KINDS.items():
+        rows = [(p, why) for p, why, k in failed if _FAILURE_KINDS.get(k, "unreadable files") == title]
+        if rows:
+            items = tuple(f"{_show(p, root)} ({why})" for p, why in rows)
+            paths = tuple(p for p, _ in rows)
+            problems.append(Problem(title, items, "found while decoding", paths, skippable=True))
+    return problems
 
 
 def _show(path: Path, root: Path) -> str:

@@ -12,7 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from medmnist import INFO
 
 from medvit.data.arrays import AUGMENT_ON, ArrayDataModule, AugmentOn, check_common_args
-from medvit.data.checks import check_arrays, check_split_sizes
+from medvit.data.checks import check_arrays, check_split_sizes, class_counts  # noqa: F401
+from medvit.data.dataset import MedMNISTSplit, SeededDistributedSampler  # noqa: F401 (re-exported)
 from medvit.data.files import (
     SPLITS,
     DataFileError,
@@ -29,6 +30,8 @@ from medvit.data.transforms import Channels
 
 __all__ = [
     "AUGMENT_ON",
+    "MedMNISTSplit",
+    "SeededDistributedSampler",
     "FLAGS_2D",
     "POSITIVE_CLASS",
     "SIZES",
