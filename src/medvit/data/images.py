@@ -353,11 +353,14 @@ _FAILURE_KINDS = {
 }
 
 
+_UNREADABLE = _FAILURE_KINDS["unreadable"]
+
+
 def _decode_problems(failed: list[tuple[Path, str, str]], root: Path) -> list[Problem]:
     """Files that failed to decode as problems, one per kind (in the order above)."""
     problems = []
-    for kind, title in _FAILURE_KINDS.items():
-        rows = [(p, why) for p, why, k in failed if _FAILURE_KINDS.get(k, "unreadable files") == title]
+    for title in _FAILURE_KINDS.values():
+        rows = [(p, why) for p, why, k in failed if _FAILURE_KINDS.get(k, _UNREADABLE) == title]
         if rows:
             items = tuple(f"{_show(p, root)} ({why})" for p, why in rows)
             paths = tuple(p for p, _ in rows)
