@@ -109,6 +109,28 @@ def test_folder_infers_task_classes_channels_and_makes_a_split(tmp_path: Path) -
     )
 
 
+def test_csv_grades_and_findings_give_ordinal_and_multilabel_tasks(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    rows = [["path", "grade", "effusion", "nodule", "split"]]
+    for i in range(16):
+        Image.fromarray(square_image(i % 4, rng)).save(tmp_path / f"{i}.png")
+        split = ("train", "train", "val", "test")[i // 4]  # every grade and finding in each
+        rows.append([f"{i}.png", i % 4, i % 2, (i // 2) % 2, split])
+    with open(tmp_path / "all.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    graded = module(tmp_path / "all.csv", tmp_path, task="ordinal", label_column="grade")
+    assert (graded.task, graded.class_names) == ("ordinal", ["0", "1", "2", "3"])
+    findings = module(tmp_path / "all.csv", tmp_path, label_columns=["effusion", "nodule"])
+    assert (findings.task, findings.num_classes) == ("multilabel", 2)
+    findings.prepare_data()
+    findings.setup()
+    labels = np.load(findings._folder / "train_labels.npy")
+    assert labels.shape == (findings._split_sizes["train"], 2) and set(np.unique(labels)) == {0, 1}
+    assert findings.class_counts("train").tolist() == labels.sum(0).tolist()
+    image, target, _ = findings.data_train[0]
+    assert target.dtype.is_floating_point and tuple(target.shape) == (2,)
+
+
 def test_colour_images_give_three_channels_and_in_chans_1_greys_them(tmp_path: Path) -> None:
     root = tmp_path / "rgb"
     rng = np.random.default_rng(0)
