@@ -287,6 +287,11 @@ def test_made_split_keeps_patients_together_is_written_and_read_back(tmp_path: P
     for row in rows:
         split_of_patient.setdefault(row["patient_id"], set()).add(row["split"])
     assert all(len(s) == 1 for s in split_of_patient.values())  # no patient in two splits
+    for split in ("train", "val", "test"):
+        names, patients = data.split_samples(split)
+        assert len(names) == data._split_sizes[split] > 0
+        assert {written[n] for n in names} == {split}
+        assert {next(iter(split_of_patient[p])) for p in patients} == {split}
 
     # A resume reads the run's split back, even when it differs from what the seed would make.
     moved = next(r["patient_id"] for r in rows if r["split"] == "train")

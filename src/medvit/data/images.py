@@ -9,6 +9,7 @@ memory-mapped uint8 arrays, transforms, sampler, folds and metrics.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from medvit import runs
 from medvit.data.arrays import ArrayDataModule, AugmentOn, check_common_args
 from medvit.data.checks import check_split_sizes
-from medvit.data.decode import decode_to_cache
+from medvit.data.decode import MANIFEST, decode_to_cache
 from medvit.data.files import SPLITS
 from medvit.data.presets import PRESETS, Preset
 from medvit.data.readers import read_pixels
@@ -313,6 +314,25 @@ class ImageDataModule(ArrayDataModule):
         if decoded.built:
             rank_zero_info(f"Decoded {len(kept)} images of {source} into {decoded.folder}")
         return decoded.folder
+
+    def split_samples(self, split: str) -> tuple[list[str], list[str] | None]:
+        """The files of a split in index order (as the source lists them) and their patients.
+
+        Index ``i`` of the split's arrays, of its dataset and of ``test_predictions.npz`` is
+        file ``i`` here (bad files skipped are not). Patients are None without a patient column.
+        After :meth:`prepare_data` or :meth:`setup`.
+        """
+        if self._folder is None:
+            raise RuntimeError(f"call prepare_data() or setup() before split_samples('{split}')")
+        paths = json.loads((self._folder / MANIFEST).read_text())["paths"][split]
+        table = self.table
+        names = [_show(Path(p), table.root) for p in paths]
+        if table.patient_ids is None:
+            return names, None
+        patient_of = {
+            str(p): str(pid) for p, pid in zip(table.paths, table.patient_ids, strict=True)
+        }
+        return names, [patient_of[p] for p in paths]
 
     def _decode_channels(self) -> int:
         # Grey images stay one channel (the transforms repeat it for in_chans=3, as MedMNIST).
