@@ -249,8 +249,10 @@ def bad_csv(tmp: Path) -> Path:
 
 def test_bad_files_are_one_error_listing_each_before_training(tmp_path: Path) -> None:
     data = module(bad_csv(tmp_path), tmp_path)
+    data.run_dir = tmp_path / "run"
     with pytest.raises(DataSourceError) as err:
         data.prepare_data()
+    assert not data.run_dir.exists()  # nothing written for a run that cannot start
     text = str(err.value)
     lines = {line.strip(" -").split(" [")[0].split(" (")[0]: line for line in text.splitlines()}
     for name, kind in BAD.items():

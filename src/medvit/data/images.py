@@ -260,10 +260,7 @@ class ImageDataModule(ArrayDataModule):
             if more:
                 raise DataSourceError(source, [*problems, *more])
         splits = self._splits(kept)
-        if self._is_writer() and self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            patients = kept.patient_ids
-            runs.write_splits(self.run_dir / runs.SPLITS_FILE, kept.rel_paths(), splits, patients)
+        writer = self._is_writer() and self.run_dir is not None
         decoded = decode_to_cache(
             kept.paths,
             kept.labels,
@@ -288,7 +285,8 @@ class ImageDataModule(ArrayDataModule):
             self.skipped = [
                 (_show(p, table.root), prob.kind) for prob in problems for p in prob.paths
             ] + [(_show(p, table.root), why) for p, why, _ in decoded.failed]
-            if self._is_writer() and self.run_dir is not None:
+            if writer:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
                 runs.write_skipped_files(self.run_dir / runs.SKIPPED_FILE, self.skipped)
             warnings.warn(
                 f"{source}: {len(self.skipped)} bad file(s) left out of training "
@@ -301,6 +299,10 @@ class ImageDataModule(ArrayDataModule):
                 ),
                 stacklevel=2,
             )
+        if writer:  # every row the split was made for (skipped files too: a resume reads it)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            patients = kept.patient_ids
+            runs.write_splits(self.run_dir / runs.SPLITS_FILE, kept.rel_paths(), splits, patients)
         arrays = {
             f"{s}_{kind}": np.load(decoded.folder / f"{s}_{kind}.npy", mmap_mode="r")
             for s in SPLITS
