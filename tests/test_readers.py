@@ -172,8 +172,18 @@ def test_truncated_and_fake_dicom_are_read_errors(tmp_path):
     assert info.value.kind == "unreadable"
     fake = tmp_path / "fake.dcm"
     fake.write_bytes(b"not a dicom file at all" * 10)
-    with pytest.raises(ImageReadError, match=r"fake\.dcm: cannot decode"):
+    with pytest.raises(ImageReadError, match=r"fake\.dcm: not a DICOM file"):
         read_pixels(fake)
+
+
+def test_dcm_without_preamble_is_read_by_its_suffix(tmp_path):
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(MR.read_bytes()[132:])  # no 128-byte preamble, no "DICM"
+    shutil.copyfile(bare, tmp_path / "bare")
+    assert is_dicom(bare) and not is_dicom(tmp_path / "bare")  # suffix-less needs the magic
+    np.testing.assert_array_equal(read_pixels(bare), read_pixels(MR))
+    with pytest.raises(ImageReadError, match=r"ExplVR_LitEndNoMeta\.dcm: DICOM file has no pixel"):
+        read_pixels(DICOM_DIR / "ExplVR_LitEndNoMeta.dcm")
 
 
 def test_nifti_2d_applies_scaling_and_puts_x_along_columns(tmp_path):
@@ -334,3 +344,47 @@ def test_voi_lut_sequence_is_preferred_to_the_window_and_scaled_by_its_depth(tmp
     np.testing.assert_array_equal(got, _to_255(voi, 0, 4095))
     raw = ds.pixel_array.astype(np.int64)
     np.testing.assert_array_equal(got, np.rint((4095 - raw) * 255 / 4095).astype(np.uint8))
+
+
+def test_dicom_colour_ybr_and_16_32_bit_rgb_read_as_8_bit_rgb():
+    rgb8 = read_pixels(DICOM_DIR / "SC_rgb_rle.dcm")
+    assert rgb8[0, 0].tolist() == [255, 0, 0] and rgb8[50, 50].tolist() == [128, 128, 255]
+    for name in ("SC_rgb_rle_16bit.dcm", "SC_rgb_rle_32bit.dcm"):  # full-range 16/32-bit
+        np.testing.assert_array_equal(read_pixels(DICOM_DIR / name), rgb8)
+    ybr = read_pixels(DICOM_DIR / "SC_ybr_full_422_uncompressed.dcm").astype(int)
+    assert np.abs(ybr - rgb8).mean() < 1  # converted to RGB (subsampled chroma rounds)
+
+
+def test_jpeg_bmp_and_palette_png_read_as_pillow_decodes_them(tmp_path):
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.bmp")
+    np.testing.assert_array_equal(read_pixels(tmp_path / "a.bmp"), rgb)
+    Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=95)
+    with Image.open(tmp_path / "a.jpg") as image:
+        np.testing.assert_array_equal(read_pixels(tmp_path / "a.jpg"), np.asarray(image))
+    palette = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
+    palette.putpalette([10, 20, 30, 200, 100, 0])
+    palette.save(tmp_path / "p.png")
+    assert read_pixels(tmp_path / "p.png")[0].tolist() == [[10, 20, 30], [200, 100, 0]]
+    palette.save(tmp_path / "pt.png", transparency=0)  # index 0 transparent -> RGBA
+    assert read_pixels(tmp_path / "pt.png")[0].tolist() == [[10, 20, 30, 0], [200, 100, 0, 255]]
+
+
+def test_compressed_dicom_decodes_to_the_same_pixels_and_multipage_tiff_is_refused(tmp_path):
+    for name in ("MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"):  # RLE, JPEG 2000 lossless
+        np.testing.assert_array_equal(read_pixels(DICOM_DIR / name), read_pixels(MR))
+    pages = [Image.fromarray(np.full((4, 4), v, np.uint8)) for v in (10, 20)]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(ImageReadError, match=r"stack\.tif: image has 2 frames") as info:
+        read_pixels(tmp_path / "stack.tif")
+    assert info.value.kind == "multi_frame"
+
+
+def test_float_tiff_maps_its_own_min_max_and_nifti_names_are_recognised(tmp_path):
+    image = np.linspace(-1.0, 3.0, 28 * 28, dtype=np.float32).reshape(28, 28)
+    Image.fromarray(image).save(tmp_path / "float.tiff")
+    expected = np.rint((image.astype(np.float64) + 1) * 255 / 4).astype(np.uint8)
+    np.testing.assert_array_equal(read_pixels(tmp_path / "float.tiff"), expected)
+    names = ["a.nii", "b.NII.GZ", "c.dcm", "d.PNG", "e.tif", "f.txt", "g.gz"]
+    assert [is_image_file(tmp_path / n) for n in names] == [True] * 5 + [False] * 2

@@ -158,6 +158,7 @@ def test_csv_multilabel_findings_auto_and_named(tmp_path: Path) -> None:
     rows = ["0.png,1,0,1.0,0,p1", "1.png,0,1,0,1,p2", "2.png,0,0,0,1,p3"]
     csv = write_csv(tmp_path / "l.csv", "path,Effusion,Mass,Nodule,sex,patient_id", rows)
     auto = read_csv(csv)
+    assert read_csv(csv, task="multilabel").class_names == auto.class_names
     assert auto.task == "multilabel" and auto.class_names == ["Effusion", "Mass", "Nodule", "sex"]
     assert auto.labels.tolist() == [[1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 0, 1]]
     named = read_csv(csv, label_columns=["Nodule", "Mass"])
@@ -195,6 +196,23 @@ def test_tsv_and_custom_column_names(tmp_path: Path) -> None:
         assert table.splits.tolist() == ["train", "val", "test"] and table.extra == {}, name
 
 
+def test_load_table_dispatches_and_refuses_csv_options_for_a_folder(tmp_path: Path) -> None:
+    for c in ("a", "b", "c"):
+        touch(tmp_path / "imgs" / c / "0.png")
+    csv = write_csv(tmp_path / "l.csv", "path,label", ["imgs/a/0.png,a", "imgs/b/0.png,b"])
+    assert load_table(csv).rel_paths() == ["imgs/a/0.png", "imgs/b/0.png"]
+    # Options left at their defaults are fine for a folder; a CSV-only choice is a mistake.
+    assert load_table(tmp_path / "imgs", path_column="path", task=None).class_names == list("abc")
+    with pytest.raises(ValueError, match=r"is a folder; options \['label_column'\] are for a CSV"):
+        load_table(tmp_path / "imgs", label_column="diagnosis")
+    with pytest.raises(ValueError, match="task='binary' needs 2 classes, found 3"):
+        load_table(tmp_path / "imgs", task="binary")
+    with pytest.raises(ValueError, match="task must be one of binary, multiclass"):
+        load_table(csv, task="regression")
+    with pytest.raises(DataSourceError, match=r"no such file \[1\]: .*nothere.csv"):
+        load_table(tmp_path / "nothere.csv")
+
+
 # --- bad input: one DataSourceError listing everything -------------------------------------------
 
 
@@ -203,7 +221,8 @@ def test_missing_files_are_listed_first_20_with_count(tmp_path: Path) -> None:
     rows = ["here.png,a", "here.png,b"] + [f"gone/{i:02d}.png,a" for i in range(25)]
     table = read_csv(write_csv(tmp_path / "l.csv", "path,label", rows))
     message = error_of(table)
-    assert f"missing files [25, first {MAX_LISTED} shown]: gone/00.png, gone/01.png" in message
+    kind = "missing files (not found, or not a regular file)"
+    assert f"{kind} [25, first {MAX_LISTED} shown]: gone/00.png, gone/01.png" in message
     assert "gone/19.png" in message and "gone/20.png" not in message
     assert message.startswith(f"{tmp_path / 'l.csv'}: 2 problems in the data:")
     assert "duplicate paths (listed twice or more) [1]: here.png (2 rows)" in message
@@ -329,6 +348,20 @@ def test_every_problem_in_one_error(tmp_path: Path) -> None:
     assert problem(problems, "missing files").items == ("gone.png", "x.png")
     assert problem(problems, "malformed rows").items == ("line 7",)
     assert "7 problems in the data" in error_of(table)
+
+
+def test_too_few_classes_no_samples_empty_paths_and_an_absent_finding(tmp_path: Path) -> None:
+    touch(tmp_path / "only" / "0.png")
+    assert "too few classes (need at least 2) [1]: only" in error_of(scan_folder(tmp_path))
+    header_only = write_csv(tmp_path / "h.csv", "path,label", [])
+    assert f"no samples [1]: {header_only}" in error_of(read_csv(header_only))
+    rows = ["only/0.png,1,0,0", ",0,1,0", "only/0.png,1,0,0"]
+    table = read_csv(write_csv(tmp_path / "f.csv", "path,A,B,C", rows))
+    message = error_of(table)
+    assert "empty paths (column 'path') [1]: line 3" in message
+    # B's only positive row has no path, and no row has C: neither can be learned or measured.
+    assert "empty classes (no usable sample has them) [2]: B, C" in message
+    assert "duplicate paths (listed twice or more) [1]: only/0.png (2 rows)" in message
 
 
 def test_drop_leaves_out_bad_files_for_skip(tmp_path: Path) -> None:

@@ -161,9 +161,19 @@ def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarra
 
 def _read_dicom(path: Path, window: tuple[float, float] | None) -> np.ndarray:
     import pydicom
+    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing
 
-    ds = pydicom.dcmread(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        # Some exports omit the 128-byte preamble and "DICM": read those (found by suffix) too,
+        # but only when they parse into real DICOM elements, not any bytes at all.
+        ds = pydicom.dcmread(path, force=True)
+        if not any(k in ds for k in ("SOPClassUID", "Modality", "PixelData")):
+            raise ImageReadError(
+                path, "not a DICOM file (no DICM magic, no DICOM elements)"
+            ) from None
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         kind = ds.get("Modality") or "no modality"
         raise ImageReadError(path, f"DICOM file has no pixel data ({kind})", "no_pixel_data")
@@ -293,8 +303,10 @@ def read_pixels(path: str | Path, window: tuple[float, float] | None = None) -> 
             path, "not an image file Pillow, pydicom or nibabel can read"
         ) from None
     except Exception as err:  # noqa: BLE001 - decoders raise anything on corrupt input
-        kind = "unsupported" if isinstance(err, NotImplementedError) else "unreadable"
         reason = " ".join(str(err).split()) or type(err).__name__
+        # e.g. a DICOM transfer syntax whose decoder plugin is not installed
+        unsupported = isinstance(err, NotImplementedError) or "missing dependencies" in reason
+        kind = "unsupported" if unsupported else "unreadable"
         raise ImageReadError(path, f"cannot decode: {reason}", kind) from err
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]

@@ -330,7 +330,8 @@ def read_csv(
     named = [c for c, d in ((patient_column, "patient_id"), (split_column, "split")) if c != d]
     wanted = [path_column, *named]
     findings = list(label_columns) if label_columns is not None else None
-    if findings is None and label_column not in col and label_column == "label" and task is None:
+    auto = label_column not in col and label_column == "label" and task in (None, "multilabel")
+    if findings is None and auto:
         findings = _zero_one_columns(header, cells, {path_column, patient_column, split_column})
         findings = findings if len(findings) >= 2 else None
     wanted += findings if findings is not None else [label_column]
@@ -489,12 +490,12 @@ def validate(table: Table) -> list[Problem]:
     """Every problem of ``table``: its unparsable rows, then what a stat of each file finds.
 
     Kinds: missing files (or not a regular file), empty (0-byte) files, duplicate paths, empty
-    classes (a class, or finding, with no sample among the rows kept), fewer than 2 classes, no samples, patients
-    whose rows have conflicting explicit splits. Files are not decoded.
+    classes (a class, or finding, with no sample among the rows kept), fewer than 2 classes, no
+    samples, patients whose rows have conflicting explicit splits. Files are not decoded; the
+    paths of rows left out while parsing are stat'ed too, so one error lists everything.
     """
     problems = list(table.problems)
     missing, empty = [], []
-    # Rows left out for a bad label or split are stat'ed too: one error should list everything.
     left_out = [p for prob in table.problems if not prob.skippable for p in prob.paths]
     for p in dict.fromkeys([*table.paths, *left_out]):
         try:
@@ -508,7 +509,8 @@ def validate(table: Table) -> list[Problem]:
             empty.append(p)
     root = table.root
     if missing:
-        problems.append(replace(_row_problem("missing files", missing, root), skippable=True))
+        hint = "not found, or not a regular file"
+        problems.append(replace(_row_problem("missing files", missing, root, hint), skippable=True))
     if empty:
         problems.append(
             replace(_row_problem("empty files", empty, root, "0 bytes"), skippable=True)
