@@ -59,6 +59,11 @@ def test_every_config_file_parses_with_the_default_experiment(extra):
             for k, v in sweep["parameters"].items()
         ]
         config = parse("-c", str(base), *args)
+    elif group == "data":  # own data: selects ImageDataModule (subclass mode) over the recipe
+        config = parse("-c", str(base), "-c", str(extra))
+        assert config.data.class_path == "medvit.data.images.ImageDataModule"
+        assert config.data.init_args.path
+        return
     else:
         config = parse("-c", str(base), "-c", str(extra))
     assert config.data.flag

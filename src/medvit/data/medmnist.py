@@ -6,19 +6,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
-import lightning as L
-import numpy as np
-import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from medmnist import INFO
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from medvit.data.batch_transforms import BatchAugment, build_batch_transforms
-from medvit.data.checks import check_arrays, check_split_sizes, class_counts
-from medvit.data.dataset import MedMNISTSplit, SeededDistributedSampler
+from medvit.data.arrays import AUGMENT_ON, ArrayDataModule, AugmentOn, check_common_args
+from medvit.data.checks import check_arrays, check_split_sizes, class_counts  # noqa: F401
+from medvit.data.dataset import MedMNISTSplit, SeededDistributedSampler  # noqa: F401 (re-exported)
 from medvit.data.files import (
     SPLITS,
     DataFileError,
@@ -31,8 +26,21 @@ from medvit.data.files import (
     verify_md5,
 )
 from medvit.data.presets import Preset, preset_for_flag
-from medvit.data.transforms import Channels, build_transforms
-from medvit.runs import read_folds
+from medvit.data.transforms import Channels
+
+__all__ = [
+    "AUGMENT_ON",
+    "MedMNISTSplit",
+    "SeededDistributedSampler",
+    "FLAGS_2D",
+    "POSITIVE_CLASS",
+    "SIZES",
+    "TASKS",
+    "AugmentOn",
+    "MedMNISTDataModule",
+    "Size",
+    "default_root",
+]
 
 #: Image sizes MedMNIST publishes each 2D set at.
 Size = Literal[28, 64, 128, 224]
@@ -44,9 +52,6 @@ TASKS = {
     "ordinal-regression": "ordinal",
 }
 FLAGS_2D = tuple(flag for flag in INFO if not flag.endswith("3d"))
-#: Where training augmentation runs (see ``MedMNISTDataModule``).
-AugmentOn = Literal["workers", "device"]
-AUGMENT_ON: tuple[str, ...] = get_args(AugmentOn)
 # The positive class of each binary set: the finding a clinician screens for, so sensitivity is
 # its detection rate. MedMNIST's own label order puts it at 0 for BreastMNIST (0 malignant,
 # 1 normal/benign) and at 1 for PneumoniaMNIST (0 normal, 1 pneumonia).
@@ -58,7 +63,7 @@ def default_root() -> str:
     return os.environ.get("MEDVIT_DATA_DIR", "data")
 
 
-class MedMNISTDataModule(L.LightningDataModule):
+class MedMNISTDataModule(ArrayDataModule):
     """A 2D MedMNIST dataset with its official train/val/test splits.
 
     Metadata (task, class names, channels, split sizes, URLs, MD5) comes from ``medmnist.INFO``.
@@ -137,30 +142,14 @@ class MedMNISTDataModule(L.LightningDataModule):
             )
         if size not in SIZES:
             raise ValueError(f"size must be one of {SIZES}, got {size}.")
-        if global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}.")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        check_common_args(global_batch_size, num_workers, in_chans, augment_on, folds_file, fold)
         info = INFO[flag]
-        if in_chans not in (None, 1, 3):
-            raise ValueError(f"in_chans must be 1, 3 or None, got {in_chans}.")
         if in_chans == 1 and info["n_channels"] == 3:
             raise ValueError(f"{flag} images are RGB; in_chans=1 would drop colour. Use 3.")
-        if augment_on not in AUGMENT_ON:
-            raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {augment_on!r}.")
-        if (folds_file is None) != (fold is None):
-            raise ValueError("folds_file and fold go together: give both or neither.")
         self.save_hyperparameters(logger=False)
         self.info = info
-        self._positive_index = self._resolve_positive_class(positive_class)
         self.root = Path(root if root is not None else default_root())
-        self.batch_size_per_device = global_batch_size
-        self.data_train: MedMNISTSplit | None = None
-        self.data_val: MedMNISTSplit | None = None
-        self.data_test: MedMNISTSplit | None = None
-        self.batch_augment: BatchAugment | None = None
-        self._folder: Path | None = None
-        self._split_sizes: dict[str, int] = {}
+        self._init_arrays(positive_class)
 
     # ----------------------------------------------------------------- metadata for the model
     @property
@@ -175,40 +164,18 @@ class MedMNISTDataModule(L.LightningDataModule):
         return [labels[str(i)] for i in range(len(labels))]
 
     @property
-    def num_classes(self) -> int:
-        return len(self.info["label"])
+    def dataset_name(self) -> str:  # type: ignore[override]
+        """The flag, as messages name the data."""
+        return self.hparams.flag
 
-    @property
-    def positive_index(self) -> int:
-        """Binary sets: index of the positive class (see ``positive_class``); else 1, unused."""
-        return self._positive_index
+    def _native_channels(self) -> int:
+        return self.info["n_channels"]
 
-    def _resolve_positive_class(self, positive_class: str | int | None) -> int:
-        flag, names = self.hparams.flag, self.class_names
-        if self.task != "binary":
-            if positive_class is not None:
-                raise ValueError(
-                    f"positive_class is for binary sets; {flag} is a {self.task} task."
-                )
-            return 1
-        if positive_class is None:
-            positive_class = POSITIVE_CLASS.get(flag, 1)
-        if isinstance(positive_class, int) and positive_class in range(len(names)):
-            return positive_class
-        if positive_class in names:
-            return names.index(positive_class)
-        raise ValueError(
-            f"positive_class {positive_class!r} is not a class of {flag}: give one of {names} "
-            f"or its index."
-        )
+    def _preset(self) -> Preset:
+        return self.hparams.augmentation or preset_for_flag(self.hparams.flag)
 
-    @property
-    def in_chans(self) -> int:
-        return self.hparams.in_chans or self.info["n_channels"]
-
-    @property
-    def img_size(self) -> int:
-        return self.hparams.img_size or self.hparams.size
+    def _default_positive_class(self) -> str | int:
+        return POSITIVE_CLASS.get(self.hparams.flag, 1)
 
     @property
     def path(self) -> Path:
@@ -292,137 +259,5 @@ class MedMNISTDataModule(L.LightningDataModule):
         self._split_sizes = {split: len(arrays[f"{split}_labels"]) for split in SPLITS}
         return folder
 
-    def setup(self, stage: str | None = None) -> None:
-        """Build the split datasets (every rank) and the per-device batch size."""
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if self.hparams.global_batch_size % world != 0:
-            raise ValueError(
-                f"global_batch_size ({self.hparams.global_batch_size}) is not divisible by the "
-                f"number of devices ({world}); pick a multiple of {world}."
-            )
-        self.batch_size_per_device = self.hparams.global_batch_size // world
-        if self._folder is None:
-            self._folder = self._unpack()
-        multilabel = self.task == "multilabel"
-        mean = self.hparams.mean or [0.5]
-        std = self.hparams.std or [0.5]
-        preset = self.hparams.augmentation or preset_for_flag(self.hparams.flag)
-
-        def make(train: bool):
-            return build_transforms(
-                preset, self.img_size, train=train, in_chans=self.in_chans, mean=mean, std=std
-            )
-
-        n = self._split_sizes
-        if stage in (None, "fit", "validate") and self.data_train is None:
-            train_src, val_src = self._fit_sources(n)
-            on_device = self.hparams.augment_on == "device"
-            if on_device:
-                train_tf, self.batch_augment = build_batch_transforms(
-                    preset, self.img_size, in_chans=self.in_chans, mean=mean, std=std
-                )
-            else:
-                train_tf = make(True)
-            self.data_train = MedMNISTSplit(
-                self._folder, train_src, train_tf, multilabel, return_seed=on_device
-            )
-            self.data_val = MedMNISTSplit(self._folder, val_src, make(False), multilabel)
-        if stage in (None, "test", "predict") and self.data_test is None:
-            test_src = [("test", np.arange(n["test"]))]
-            self.data_test = MedMNISTSplit(self._folder, test_src, make(False), multilabel)
-
-    def _fit_sources(self, n: dict[str, int]) -> tuple[list, list]:
-        if self.hparams.folds_file is None:
-            return [("train", np.arange(n["train"]))], [("val", np.arange(n["val"]))]
-        rows = read_folds(self.hparams.folds_file, repeat=self.hparams.repeat)
-        if self.hparams.fold not in rows["fold"]:
-            raise ValueError(
-                f"{self.hparams.folds_file} has no fold {self.hparams.fold} in repeat "
-                f"{self.hparams.repeat} (folds: {sorted(set(rows['fold'].tolist()))})."
-            )
-        for split in ("train", "val"):
-            idx = rows["index"][rows["split"] == split]
-            if len(idx) and (idx.min() < 0 or idx.max() >= n[split]):
-                raise ValueError(
-                    f"{self.hparams.folds_file} refers to {split} index {idx.max()}, but the "
-                    f"{split} split has {n[split]} samples: it was made for another dataset."
-                )
-        in_val = rows["fold"] == self.hparams.fold
-
-        def sources(mask: np.ndarray) -> list:
-            return [
-                (split, rows["index"][mask & (rows["split"] == split)])
-                for split in ("train", "val")
-            ]
-
-        return sources(~in_val), sources(in_val)
-
-    def _carries_seeds(self, batch: Any) -> bool:
-        # Only training batches carry seeds (a 4-tuple); evaluation batches pass through.
-        return (
-            self.batch_augment is not None and isinstance(batch, (list, tuple)) and len(batch) == 4
-        )
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Keep the augmentation seeds on the host: parameters are drawn there, without a sync."""
-        if self._carries_seeds(batch):
-            images, target, index, seeds = batch
-            return images, target, index, seeds.numpy()  # the transfer moves tensors only
-        return batch
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """With ``augment_on="device"``, augment training batches where they now are."""
-        if self._carries_seeds(batch):
-            images, target, index, seeds = batch
-            return self.batch_augment(images, torch.as_tensor(seeds)), target, index
-        return batch
-
-    def class_counts(self, stage: str = "train") -> np.ndarray:
-        """Samples per class (or positives per label) in a split; after :meth:`setup`."""
-        data = {"train": self.data_train, "val": self.data_val, "test": self.data_test}[stage]
-        if data is None:
-            raise RuntimeError(f"call setup() before class_counts('{stage}')")
-        return class_counts(data.labels(), self.task, self.num_classes)
-
-    # ---------------------------------------------------------------------------- dataloaders
-    def _loader(self, data: Dataset, train: bool) -> DataLoader:
-        world, rank = 1, 0
-        if self.trainer is not None:
-            world, rank = self.trainer.world_size, self.trainer.global_rank
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything
-        if train:
-            # Lightning calls set_epoch() on it every epoch.
-            sampler: Sampler = SeededDistributedSampler(
-                data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
-            )
-        else:
-            # Lightning's default DistributedSampler pads the last batch by repeating samples,
-            # which would count them twice in validation/test metrics (torchmetrics #1297).
-            sampler = UnrepeatedDistributedSampler(
-                data, num_replicas=world, rank=rank, shuffle=False
-            )
-        workers = self.hparams.num_workers
-        return DataLoader(
-            data,
-            batch_size=self.batch_size_per_device,
-            sampler=sampler,
-            # Its own generator: otherwise each new (non-persistent) iterator draws a worker seed
-            # from the global RNG, and stochastic depth would depend on the worker count.
-            generator=torch.Generator().manual_seed(seed),
-            num_workers=workers,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=workers > 0,
-            drop_last=train and len(data) > self.batch_size_per_device,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data_val, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, train=False)
+    def _arrays_folder(self) -> Path:
+        return self._unpack()

@@ -59,6 +59,12 @@ __all__ = [
     "read_cv_summary",
     "cv_summary_columns",
     "write_cv_summary_csv",
+    "SPLITS_FILE",
+    "SKIPPED_FILE",
+    "write_splits",
+    "read_splits",
+    "write_skipped_files",
+    "read_skipped_files",
 ]
 
 # ------------------------------------------------------------------------------ file names
@@ -330,3 +336,51 @@ def write_cv_summary_csv(path: Path, summary: Mapping[str, Any]) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+# ------------------------------------------------------------------------------ own data
+#: The train/val/test split medvit made for a data source without one (``ImageDataModule``).
+SPLITS_FILE = "splits.csv"
+#: Files left out of training with ``--data.on_bad_file skip``, and why.
+SKIPPED_FILE = "skipped_files.csv"
+
+
+def write_splits(
+    path: Path, paths: list[str], splits: np.ndarray, patient_ids: np.ndarray | None = None
+) -> None:
+    """``splits.csv``: ``path,split[,patient_id]``, one row per sample (paths as the source has them)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "split", *(["patient_id"] if patient_ids is not None else [])])
+    for i, (name, split) in enumerate(zip(paths, np.asarray(splits).tolist(), strict=True)):
+        writer.writerow([name, split, *([patient_ids[i]] if patient_ids is not None else [])])
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_splits(path: str | os.PathLike) -> dict[str, str]:
+    """``{path: split}`` from a ``splits.csv`` (:func:`write_splits`)."""
+    path = Path(path)
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not {"path", "split"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path} needs the columns path and split, has {reader.fieldnames}.")
+        rows = {r["path"]: r["split"] for r in reader}
+    bad = sorted({s for s in rows.values() if s not in ("train", "val", "test")})
+    if bad:
+        raise ValueError(f"{path}: unknown split names {bad}; expected train, val or test.")
+    return rows
+
+
+def write_skipped_files(path: Path, rows: list[tuple[str, str]]) -> None:
+    """``skipped_files.csv``: ``path,reason``, one row per file left out of training."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_skipped_files(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``[(path, reason)]`` from a ``skipped_files.csv`` (:func:`write_skipped_files`)."""
+    with open(path, newline="") as fh:
+        return [(r["path"], r["reason"]) for r in csv.DictReader(fh)]

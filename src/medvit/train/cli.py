@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from lightning.pytorch.cli import LightningCLI
 
 from medvit import runs
+from medvit.data.arrays import ArrayDataModule
+from medvit.data.images import ImageDataModule
 from medvit.data.medmnist import MedMNISTDataModule
+from medvit.data.selection import data_class_requested, data_init_args, data_label
 from medvit.models.checkpoint import CheckpointError, is_local_file_path, load_checkpoint
 from medvit.models.module import ViTClassifier
 from medvit.train.callbacks import RunRecorder
@@ -25,6 +29,8 @@ from medvit.train.tracking import WandbOptions, build_loggers
 from medvit.train.wandb_logging import WandbTestMedia
 
 RUN_DIR_ENV = "MEDVIT_RUN_DIR"
+#: The DataModules ``--data CLASS`` selects by name (imported above so jsonargparse knows them).
+DATA_CLASSES = (MedMNISTDataModule, ImageDataModule)
 
 
 def describe_training_data(
@@ -61,10 +67,12 @@ def checkpoint_data_mismatch(
     if saved == wanted and (saved_names is None or saved_names == list(data.class_names)):
         return None
     data_hp = ckpt.get("datamodule_hyper_parameters") or {}
-    trained_on = data_hp.get("flag") or "other data"
-    if data_hp.get("size") not in (None, 28):
-        trained_on += f"_{data_hp['size']}"
-    name = data.hparams.flag + ("" if data.hparams.size == 28 else f"_{data.hparams.size}")
+    trained_on = data_label(data_hp)
+    if trained_on is None:
+        trained_on = "other data"
+        if data_hp.get("size") not in (None, 28):
+            trained_on += f"_{data_hp['size']}"
+    name = data_label(data.hparams)
     return (
         f"checkpoint {ckpt_path} was trained on "
         f"{describe_training_data(trained_on, saved[0], saved_names, *saved[1:])} but the data "
@@ -178,7 +186,15 @@ class MedViTCLI(LightningCLI):
         self.run_dir: Path | None = None
         # The --ckpt_path checkpoint, read safely once while parsing; checked again for fit.
         self._checkpoint: dict[str, Any] | None = None
-        super().__init__(ViTClassifier, MedMNISTDataModule, *args, **kwargs)
+        argv = kwargs.get("args")
+        argv = sys.argv[1:] if argv is None else argv
+        # --data CLASS: LightningCLI's subclass mode, MedMNISTDataModule its default class.
+        self.data_subclass_mode = isinstance(argv, (list, tuple)) and data_class_requested(argv)
+        data_class: type = MedMNISTDataModule
+        if self.data_subclass_mode:
+            kwargs["subclass_mode_data"] = True
+            data_class = ArrayDataModule
+        super().__init__(ViTClassifier, data_class, *args, **kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -186,6 +202,12 @@ class MedViTCLI(LightningCLI):
         return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        if self.data_subclass_mode:
+            # A config's data arguments without class_path (the experiment configs) are
+            # MedMNISTDataModule's, until --data names another class.
+            parser.set_defaults(
+                {"data": {"class_path": f"{MedMNISTDataModule.__module__}.MedMNISTDataModule"}}
+            )
         for key in ("num_classes", "in_chans", "img_size", "task", "class_names"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
         parser.link_arguments("data.positive_index", "model.positive_class", apply_on="instantiate")
@@ -250,10 +272,22 @@ class MedViTCLI(LightningCLI):
             if not config.get("force"):
                 # A checkpoint of another dataset would run and file its numbers under this
                 # data's name. The data module's constructor only validates its arguments.
-                data = MedMNISTDataModule(**config.data.as_dict())
+                data = self._data_for_check(config.data)
                 problem = checkpoint_data_mismatch(ckpt_path, ckpt, data)
                 if problem:
                     raise CheckpointError(problem)
+
+    @staticmethod
+    def _data_for_check(data_config: Any) -> ArrayDataModule:
+        """The configured DataModule, built only to compare it with a checkpoint."""
+        if "class_path" not in data_config:
+            return MedMNISTDataModule(**data_config.as_dict())
+        from jsonargparse import Namespace
+        from jsonargparse._util import import_object
+
+        init = data_init_args(data_config)
+        init = init.as_dict() if isinstance(init, Namespace) else dict(init)
+        return import_object(data_config.class_path)(**init)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -326,7 +360,9 @@ class MedViTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = self._subconfig()
-        name = runs.experiment_name(config.run.name, config.data.flag, config.data.size)
+        data_args = data_init_args(config.data)
+        flag = data_args.get("flag") or self.datamodule.dataset_name
+        name = runs.experiment_name(config.run.name, flag, data_args.get("size"))
         resumed = (
             _run_dir_of_checkpoint(config.get("ckpt_path")) if self.subcommand == "fit" else None
         )
@@ -353,6 +389,11 @@ class MedViTCLI(LightningCLI):
             run_dir = runs.new_run_dir(Path(config.run.root).expanduser().resolve(), name, suffix)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
+        if isinstance(self.datamodule, ImageDataModule):
+            # Where a made train/val/test split is written and read back (on resume), and
+            # where a checkpoint's run keeps it (medvit test writes a new folder).
+            self.datamodule.run_dir = run_dir
+            self.datamodule.source_run_dir = _run_dir_of_checkpoint(config.get("ckpt_path"))
         if (
             self.subcommand == "fit"
             and config.get("ckpt_path")
