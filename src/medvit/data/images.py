@@ -24,7 +24,7 @@ from medvit.data.checks import check_split_sizes
 from medvit.data.decode import MANIFEST, decode_to_cache
 from medvit.data.files import SPLITS
 from medvit.data.presets import PRESETS, Preset
-from medvit.data.readers import read_pixels
+from medvit.data.readers import parse_window, read_pixels
 from medvit.data.sources import (
     DataSourceError,
     Problem,
@@ -46,20 +46,6 @@ OnBadFile = Literal["error", "skip"]
 BAD_FILE_POLICIES: tuple[str, ...] = get_args(OnBadFile)
 #: Files decoded to guess the channels (grey or colour) when ``in_chans`` is not given.
 _CHANNEL_PROBES = 16
-
-
-def parse_window(window: tuple[float, float] | list[float] | str | None):
-    """``"40,400"``, ``[40, 400]`` or None -> ``(center, width)`` or None; one-line errors."""
-    if window is None:
-        return None
-    parts = window.replace(" ", "").split(",") if isinstance(window, str) else list(window)
-    try:
-        center, width = (float(v) for v in parts)
-    except (TypeError, ValueError):
-        raise ValueError(f"window must be 'center,width' (e.g. 40,400), got {window!r}.") from None
-    if width < 1:
-        raise ValueError(f"window width must be >= 1, got {width:g}.")
-    return center, width
 
 
 class ImageDataModule(ArrayDataModule):
