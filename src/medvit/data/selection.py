@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from medvit.runs import data_name as data_label
+
 __all__ = ["data_class_requested", "data_init_args", "data_label"]
 
 
@@ -56,12 +58,3 @@ def data_init_args(data_config: Any) -> Any:
     if "class_path" in data_config:
         return data_config.get("init_args") or {}
     return data_config
-
-
-def data_label(hp: Any) -> str | None:
-    """How messages name the data of DataModule hyper-parameters: ``pathmnist_64``, ``chest_xray``."""
-    if hp.get("flag"):
-        return hp["flag"] + ("" if hp.get("size") in (None, 28) else f"_{hp['size']}")
-    if hp.get("path"):
-        return Path(str(hp["path"]).rstrip("/")).name
-    return None

@@ -39,7 +39,7 @@ def _settings_row(item: Run | CVRun, anchor: str) -> list[Cell]:
     return [
         th(item.label, href=anchor),
         Cell(kind),
-        Cell(get("data.flag")),
+        Cell(get("data.flag") if run is None or run.setting("data.flag") else run.data_name),
         Cell(get("model.model_name")),
         Cell(get("model.pretrained")),
         Cell(get("model.lr"), cls="num"),

@@ -54,7 +54,7 @@ class RunSection:
 
 def run_header(run: Run) -> Table:
     """Dataset, model, key hyper-parameters, git SHA, date, device, duration."""
-    flag = run.setting("data.flag", "?")
+    flag = run.setting("data.flag") or run.data_name
     size = run.setting("data.size", "")
     preds = run.predictions()
     classes = run.setting("model.class_names") or (preds.class_names if preds else [])

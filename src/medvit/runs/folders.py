@@ -16,6 +16,7 @@ from medvit.runs.layout import (
     PREDICTIONS_FILE,
     RUN_MARKERS,
     SUMMARY_JSON,
+    data_name,
     fold_run_dir,
     read_cv_config,
     read_cv_summary,
@@ -87,10 +88,22 @@ class Run:
         name = self.metrics.get("best_checkpoint")
         return self.path / name if name else None
 
+    @property
+    def data_name(self) -> str:
+        """The data's name, as messages give it: ``breastmnist``, ``pathmnist_64``, ``chest_xray``."""
+        args = {k: self.setting(f"data.{k}") for k in ("flag", "size", "path")}
+        return data_name(args) or "?"
+
     def setting(self, dotted: str, default: Any = None) -> Any:
-        """A resolved config value (``model.lr``), else the flat hparams value (``lr``)."""
+        """A resolved config value (``model.lr``), else the flat hparams value (``lr``).
+
+        A section saved as ``{class_path, init_args}`` (``--data ImageDataModule``) is looked
+        into: ``data.path`` finds ``data.init_args.path``.
+        """
         node: Any = self.config
         for part in dotted.split("."):
+            if isinstance(node, Mapping) and part not in node:
+                node = node.get("init_args")
             if not isinstance(node, Mapping) or part not in node:
                 node = None
                 break

@@ -35,6 +35,7 @@ __all__ = [
     "CV_RUNS_DIR",
     "CV_LOGS_DIR",
     "experiment_name",
+    "data_name",
     "new_run_dir",
     "last_checkpoint",
     "run_dir_of_checkpoint",
@@ -94,6 +95,19 @@ def experiment_name(run_name: str | None, flag: str, size: int) -> str:
     if run_name:
         return run_name
     return flag if size == 28 else f"{flag}_{size}"
+
+
+def data_name(data_args: Mapping[str, Any]) -> str | None:
+    """How messages name the data of DataModule arguments: ``pathmnist_64``, ``chest_xray``.
+
+    A MedMNIST flag with its size (none at 28 px), else the name of the own-data folder or CSV.
+    """
+    if data_args.get("flag"):
+        size = data_args.get("size")
+        return data_args["flag"] + ("" if size in (None, 28) else f"_{size}")
+    if data_args.get("path"):
+        return Path(str(data_args["path"]).rstrip("/")).name
+    return None
 
 
 def new_run_dir(root: str | os.PathLike, name: str, suffix: str = "") -> Path:
