@@ -473,3 +473,14 @@ def test_pngs_listed_in_a_csv_train_exactly_as_the_npz(real_data: Path, tmp_path
             same = (math.isnan(a[key]) and math.isnan(b[key])) or abs(a[key] - b[key]) <= 1e-6
             assert same, f"{stage}/{key}: npz {a[key]} vs png {b[key]}"
     assert png_metrics["positive_class"] == npz_metrics["positive_class"] == "malignant"
+
+
+def test_medvit_cache_prune_keeps_decode_caches(tmp_path: Path) -> None:
+    """`medvit cache --prune` knows unpacked .npz caches; a decode cache is not one of them."""
+    dm = module(class_folders(tmp_path / "data"), tmp_path)
+    dm.prepare_data()
+    dm.setup("fit")
+    (folder,) = [f for f in (tmp_path / "cache" / decode.IMAGES_DIR).iterdir() if f.is_dir()]
+    release_caches()
+    main(["cache", "--cache_dir", str(tmp_path / "cache" / decode.IMAGES_DIR), "--prune"])
+    assert (folder / decode.MANIFEST).is_file()

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from medvit.data.files import (
     _COMPLETE,
     SPLITS,
+    DECODE_MANIFEST,
     DataFileError,
     _hold,
     _unpack_lock,
@@ -47,7 +48,7 @@ __all__ = ["CACHE_VERSION", "IMAGES_DIR", "DecodedArrays", "cache_key", "decode_
 CACHE_VERSION = 1
 #: Subfolder of the cache root holding the decode caches (apart from the ``.npz`` unpacks).
 IMAGES_DIR = "images"
-MANIFEST = "manifest.json"
+MANIFEST = DECODE_MANIFEST
 #: Below this many files decoding stays in the calling process (a pool costs more).
 _MIN_FILES_FOR_POOL = 64
 #: Rows copied at a time when failed rows are squeezed out of a split array.

@@ -193,6 +193,8 @@ def mmap_dir_for(npz: Path, cache_root: Path) -> Path:
 # prune by another process leaves them alone; DataLoader workers inherit them through fork.
 _IN_USE: dict[Path, int] = {}
 _COMPLETE = "complete"
+#: Marks a decode cache of own images (data/decode.py); its staleness is its key, not an MD5.
+DECODE_MANIFEST = "manifest.json"
 _LOCK = ".lock"
 
 
@@ -284,6 +286,10 @@ def prune_caches(cache_root: Path, source: Path | None = None, keep: Path | None
         if not folder.is_dir() or folder == keep or folder.name.startswith("."):
             continue
         if src is not None and not folder.name.startswith(f"{src.stem}-"):
+            continue
+        if src is None and (folder / DECODE_MANIFEST).is_file():
+            # A decode cache of own images, whose name is a key over its files, not an MD5: the
+            # decoder prunes its stale ones itself (with ``source``).
             continue
         partial = _PARTIAL.match(folder.name)
         if partial:
