@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from medvit.data.files import (
     _COMPLETE,
-    SPLITS,
     DECODE_MANIFEST,
+    SPLITS,
     DataFileError,
     _hold,
     _unpack_lock,
