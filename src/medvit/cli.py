@@ -34,9 +34,9 @@ COMMAND_HELP = {
     "fit": "train a model, test its best checkpoint, write a run folder",
     "validate": "evaluate a checkpoint on the validation split (--ckpt_path)",
     "test": "evaluate a checkpoint on the test split (--ckpt_path)",
-    "predict": "class probabilities of image files, folders or an npz split, as CSV",
+    "predict": "class probabilities of images (PNG, DICOM, NIfTI...), folders, CSV listings or an npz split",
     "cv": "k-fold cross-validation of fit (one fit per fold, ensemble on test)",
-    "report": "summarise run folders (or a folder of them) as a Markdown report",
+    "report": "summarise run folders (or a folder of them) as one HTML page (tables, plots)",
     "cache": "list the unpacked-data caches, or delete stale ones (--prune)",
 }
 #: Option prefixes ``--help-short`` keeps: medvit's own groups and the essential Lightning ones.

@@ -315,15 +315,17 @@ def _current_worker_key() -> tuple[int, int] | None:
     return None if info is None else (info.id, info.seed)
 
 
-def build_transforms(preset: Preset, img_size: int, train: bool, **kwargs: Any) -> MedTransform:
+def build_transforms(
+    preset: Preset, img_size: int, train: bool, *args: Any, **kwargs: Any
+) -> MedTransform:
     """Build the image transform for a modality preset, like timm's ``create_transform``.
 
-    The arguments are :class:`MedTransform`'s (``in_chans``, ``mean``, ``std`` and ``seed`` by
-    keyword); ``train=False`` gives the deterministic eval transform (resize and normalise
+    The arguments are :class:`MedTransform`'s (then ``in_chans``, ``mean``, ``std``, ``seed``);
+    ``train=False`` gives the deterministic eval transform (resize and normalise
     only), and ``preset_for_flag`` maps a MedMNIST flag to a preset.
 
     Raises:
         ValueError: On an unknown preset, ``img_size < 8``, ``in_chans`` not in (1, 3), or
             malformed ``mean``/``std``.
     """
-    return MedTransform(preset=preset, img_size=img_size, train=train, **kwargs)
+    return MedTransform(preset, img_size, train, *args, **kwargs)

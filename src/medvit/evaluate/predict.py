@@ -1,11 +1,17 @@
-"""``medvit predict``: class probabilities for image files or an npz split, as CSV.
+"""``medvit predict``: class probabilities for image files, folders, CSV listings or an npz split.
 
-Images are brought to what the model saw in training, MedMNIST's 8-bit pixels (0..255), by
-:func:`to_uint8`: 8-bit images are used as they are; 16-bit images map their type's full range
-(0..65535) linearly to 0..255, so a dark 16-bit image stays dark; float images map their own
-minimum..maximum to 0..255. Images are then converted to the checkpoint's channels and resized
-to its image size, as in training. A file that cannot be read gets a row whose ``error`` column
-says why, and the other files are still predicted.
+Inputs: image files (PNG, JPEG, BMP, TIFF incl. 16-bit grey and float), DICOM files (by suffix or
+the ``DICM`` magic), 2D NIfTI, folders of any of these (searched recursively; labelled when laid
+out as one subfolder per checkpoint class), a CSV/TSV listing paths (read with
+:func:`medvit.data.sources.read_csv`: its path column, with optional ``patient_id``, ``split``
+and label columns), and ``file.npz[:split]``.
+
+Files are decoded by :func:`medvit.data.readers.load_image` as the training data was: pixels on
+MedMNIST's 8-bit scale (:func:`~medvit.data.readers.to_uint8`'s rules for 16-bit and float
+images; DICOM rescaled, windowed and MONOCHROME1-inverted), converted to the training data's
+channels and resized to its decode size (``data.size``); the evaluation transform then brings
+them to the model's image size and channels. A file that cannot be read gets a row whose
+``error`` column says why, and the other files are still predicted.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,148 +29,48 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from medvit.data.readers import ImageReadError, to_uint8
 from medvit.data.transforms import build_transforms
+from medvit.evaluate.predict_inputs import (
+    COLUMN_OPTIONS,
+    LISTING_SUFFIXES,
+    Item,
+    collect,
+    decoding_for,
+)
 from medvit.fileio import atomic_write
 from medvit.models.checkpoint import CheckpointError, load_checkpoint
 from medvit.models.module import ViTClassifier
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+# to_uint8 (moved to medvit.data.readers) stays importable from here.
+__all__ = ["LISTING_SUFFIXES", "load_model", "main", "predict", "to_uint8"]
 
-
-#: What a single image file can fail with while it is decoded (reported in its CSV row).
+#: What a single image can fail with while it is decoded (reported in its CSV row).
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """An image array on MedMNIST's training scale: ``uint8``, 0..255.
-
-    Rules: ``uint8`` is returned unchanged; ``bool`` becomes 0/255; other integer images are
-    taken as 16-bit, their full range 0..65535 mapped linearly to 0..255 (``v * 255 / 65535``,
-    rounded), unless a value lies outside 0..65535, when their minimum..maximum is mapped
-    instead; float images map their own minimum..maximum to 0..255 (a constant image gives 0).
-
-    Raises:
-        ValueError: for another dtype (complex, object) or non-finite floats.
-    """
-    if image.dtype == np.uint8:
-        return image
-    if image.dtype == np.bool_:
-        return image.astype(np.uint8) * 255
-    if np.issubdtype(image.dtype, np.integer):
-        if image.size and (image.min() < 0 or image.max() > 65535):
-            return _min_max(image.astype(np.float64))
-        return np.rint(image.astype(np.float64) * (255 / 65535)).astype(np.uint8)
-    if np.issubdtype(image.dtype, np.floating):
-        if not np.isfinite(image).all():
-            raise ValueError("the image has NaN or infinite pixels")
-        return _min_max(image.astype(np.float64))
-    raise ValueError(f"unsupported pixel type {image.dtype}")
-
-
-def _min_max(image: np.ndarray) -> np.ndarray:
-    low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
-    if high <= low:
-        return np.zeros(image.shape, np.uint8)
-    return np.rint((image - low) * (255 / (high - low))).astype(np.uint8)
-
-
-def read_image(path: str | Path, rgb: bool) -> np.ndarray:
-    """An image file as ``uint8`` pixels (H, W) or, with ``rgb``, (H, W, 3); see :func:`to_uint8`.
-
-    PIL converts a 16-bit or float image to 8 bits by clipping (a 16-bit image becomes almost
-    all 255), so such images are scaled here first.
-    """
-    with Image.open(path) as image:
-        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-            image = Image.fromarray(to_uint8(np.asarray(image)))
-        return np.asarray(image.convert("RGB" if rgb else "L"))
-
-
 class _Inputs(Dataset):
-    """Items ``(image, error, i)`` from (source, loader) pairs, decoded lazily.
+    """Items ``(image, error, i)`` from :class:`Item` entries, decoded lazily.
 
     A file that cannot be decoded gives a blank image and the reason in ``error`` (empty when
     the image was read), so one broken file does not end the run.
     """
 
-    def __init__(self, items: list[tuple[str, Any]], transform: Any, blank: np.ndarray) -> None:
+    def __init__(self, items: list[Item], transform: Any, blank: np.ndarray) -> None:
         self.items, self.transform, self.blank = items, transform, blank
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str, int]:
-        _, load = self.items[i]
         try:
-            image = load()
+            image = self.items[i].load()
         except READ_ERRORS as err:
-            reason = " ".join(str(err).split()) or type(err).__name__
+            # ImageReadError's message starts with the path, which the row already has.
+            reason = err.reason if isinstance(err, ImageReadError) else str(err)
+            reason = " ".join(reason.split()) or type(err).__name__
             return self.transform(self.blank), f"cannot read image: {reason}", i
         return self.transform(image), "", i
-
-
-def _read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """``{split}_images`` (and ``{split}_labels`` if present) of an npz, never unpickling."""
-    key = f"{split}_images"
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not hasattr(npz, "files"):
-                raise ValueError("a single .npy array, not an .npz archive")
-            if key not in npz:
-                raise ValueError(f"{path} has no key '{key}' (keys: {sorted(npz.files)}).")
-            images = npz[key]
-            key = f"{split}_labels"
-            labels = npz.get(key)
-    except ValueError as err:
-        if str(path) in str(err):
-            raise
-        # e.g. an object (pickled) array: numpy's message does not say which file or key.
-        raise ValueError(f"{path}: cannot read '{key}' ({' '.join(str(err).split())}).") from err
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path} is not a readable .npz archive ({err}).") from err
-    if images.dtype == object or images.ndim not in (3, 4):
-        raise ValueError(
-            f"{path}: '{split}_images' has shape {images.shape} and dtype {images.dtype}; "
-            "expected (N, H, W) or (N, H, W, 3) images."
-        )
-    return images, labels
-
-
-def _collect(inputs: list[str], rgb: bool) -> tuple[list[tuple[str, Any]], list[Any]]:
-    """Expand inputs into (source name, image loader) pairs and labels (None if unknown)."""
-    items: list[tuple[str, Any]] = []
-    labels: list[Any] = []
-    for spec in inputs:
-        path_str, _, split = (
-            spec.partition(":") if spec.endswith((":train", ":val", ":test")) else (spec, "", "")
-        )
-        path = Path(path_str)
-        if path.suffix == ".npz":
-            split = split or "test"
-            if not path.is_file():
-                raise ValueError(f"{path} does not exist.")
-            images, split_labels = _read_npz_split(path, split)
-            for j in range(len(images)):
-                items.append((f"{path.name}:{split}", lambda a=images, j=j: to_uint8(a[j])))
-                labels.append(None if split_labels is None else split_labels[j].tolist())
-            continue
-        files = (
-            sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            if path.is_dir()
-            else [path]
-        )
-        for file in files:
-            if not file.is_file():
-                raise ValueError(f"{file} does not exist.")
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ValueError(
-                    f"{file}: expected an image ({sorted(IMAGE_SUFFIXES)}) or an .npz[:split]."
-                )
-            items.append((str(file), lambda f=file: read_image(f, rgb)))
-            labels.append(None)
-    if not items:
-        raise ValueError(f"No images found in {inputs}.")
-    return items, labels
 
 
 def load_model(ckpt_path: str | Path) -> tuple[ViTClassifier, dict[str, Any]]:
@@ -272,34 +177,51 @@ def predict(
     batch_size: int = 64,
     device: str = "auto",
     force: bool = False,
+    window: tuple[float, float] | None = None,
+    columns: dict[str, str | None] | None = None,
+    num_workers: int = 0,
 ) -> list[dict[str, Any]]:
     """Predict class probabilities with a medvit checkpoint and write them as CSV.
 
-    Pixels are scaled to the 0..255 of MedMNIST's training images first (see
-    :func:`to_uint8`: 16-bit images by their type's full range, float images by their
-    minimum..maximum), then converted to the checkpoint's channels and size.
+    Files are decoded as the training data was (see :func:`decoding_for`): pixels on MedMNIST's
+    0..255 scale (:func:`to_uint8`: 16-bit images by their type's full range, float images by
+    their minimum..maximum; DICOM by its rescale and window), the training data's channels and
+    decode size; then the model's image size and channels.
 
     Args:
         ckpt_path: a ``.ckpt`` written by ``medvit fit``.
-        inputs: image files, folders of images, or ``file.npz[:split]`` (default split ``test``).
+        inputs: image, DICOM or NIfTI files, folders of them (recursively), CSV/TSV listings of
+            paths (relative to the listing), or ``file.npz[:split]`` (default split ``test``).
         output: CSV path; ``None`` writes to standard output.
         batch_size: images per forward pass.
         device: ``auto``, ``cpu`` or ``cuda``.
         force: predict even when an npz input is another dataset than the checkpoint's (see
-            :func:`check_inputs_fit_checkpoint`).
+            :func:`check_inputs_fit_checkpoint`), or a listing has labels the checkpoint lacks.
+        window: DICOM/NIfTI ``(center, width)`` used instead of the file's own window (and of
+            the one the checkpoint was trained with).
+        columns: a listing's column names by ``path_column``, ``label_column``,
+            ``patient_column``, ``split_column`` (as :func:`medvit.data.sources.read_csv`); a name
+            not given is the one the checkpoint's datamodule used, else ``path``, ``label``,
+            ``patient_id``, ``split``. Only the path column must exist.
+        num_workers: DataLoader processes decoding files (0: in this process).
 
     Returns:
-        One dict per image: ``source``, ``index``, ``prob_<class>``..., ``prediction``,
-        ``label`` (an integer class index; ``;``-joined indices for multi-label; blank when
-        unknown), ``label_name`` and ``error`` (why the file could not be read; its
+        One dict per image: ``source`` (the path as given; relative to the listing for a
+        CSV/TSV row), then the listing's ``patient_id``, ``split`` and other columns when a
+        listing is among the inputs (a column named like one of predict's own is renamed
+        ``input_<name>``; blank for other inputs), ``index``, ``prob_<class>``...,
+        ``prediction``, ``label`` (an integer class index; ``;``-joined indices for multi-label;
+        blank when unknown), ``label_name`` and ``error`` (why the file could not be read; its
         probabilities and prediction are then blank).
 
     Raises:
-        ValueError: a missing input or checkpoint, no images, or inputs of another dataset.
+        ValueError: a missing input or checkpoint, no images, a bad listing, a bad window, or
+            inputs of another dataset.
     """
     ckpt_path = Path(ckpt_path)
     model, data_hp = load_model(ckpt_path)
     hp = model.hparams
+    decoding = decoding_for(hp, data_hp, window)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.eval().to(device)
@@ -311,20 +233,29 @@ def predict(
         mean=data_hp.get("mean") or [0.5],
         std=data_hp.get("std") or [0.5],
     )
-    rgb = INFO[data_hp["flag"]]["n_channels"] == 3
-    items, labels = _collect(inputs, rgb)
+    names = list(hp.class_names or [str(i) for i in range(hp.num_classes)])
+    named = {k: data_hp[k] for k in COLUMN_OPTIONS if isinstance(data_hp.get(k), str)}
+    named.update({k: v for k, v in (columns or {}).items() if v is not None})
+    items = collect(inputs, decoding, hp.task, names, force, named)
+    labels = [item.label for item in items]
     if not force:
         check_inputs_fit_checkpoint(ckpt_path, data_hp, hp, inputs, labels)
-    blank = np.zeros((hp.img_size, hp.img_size, 3) if rgb else (hp.img_size, hp.img_size), np.uint8)
-    loader = DataLoader(_Inputs(items, transform, blank), batch_size=batch_size)
-    names = list(hp.class_names or [str(i) for i in range(hp.num_classes)])
+    side = decoding.size
+    blank = np.zeros((side, side) if decoding.in_chans == 1 else (side, side, 3), np.uint8)
+    loader = DataLoader(
+        _Inputs(items, transform, blank), batch_size=batch_size, num_workers=num_workers
+    )
+    # The listings' columns, in order of first appearance (blank for rows from other inputs).
+    listed = list(dict.fromkeys(c for item in items for c in item.columns))
     rows: list[dict[str, Any]] = []
     with torch.inference_mode():
         for x, errors, index in tqdm(loader, desc="predict", disable=len(loader) < 5):
             probs = model.probabilities(model(x.to(device))).float().cpu().numpy()
             for i, p, error in zip(index.tolist(), probs, errors, strict=True):
-                source = items[i][0]
-                row: dict[str, Any] = {"source": source, "index": i}
+                source = items[i].source
+                row: dict[str, Any] = {"source": source}
+                row.update({c: items[i].columns.get(c, "") for c in listed})
+                row["index"] = i
                 if error:
                     row.update({f"prob_{n}": "" for n in names})
                     row["prediction"] = ""
@@ -359,25 +290,74 @@ def predict(
     return rows
 
 
+def _window_arg(text: str) -> tuple[float, float]:
+    """``--window center,width`` as two floats."""
+    try:
+        center, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected CENTER,WIDTH (e.g. 40,400), got {text!r}"
+        ) from None
+    return center, width
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``medvit predict --ckpt_path CKPT [-o out.csv] INPUT...``."""
+    """``medvit predict --ckpt_path CKPT [-o out.csv] [--window C,W] INPUT...``."""
     parser = argparse.ArgumentParser(
         prog="medvit predict",
-        description="Class probabilities for images (files or folders) or an npz split, as CSV.",
+        description=(
+            "Class probabilities as CSV for images (PNG, JPEG, BMP, TIFF), DICOM and 2D NIfTI "
+            "files, folders of them, CSV/TSV listings of paths, or an npz split."
+        ),
     )
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by medvit fit")
-    parser.add_argument("inputs", nargs="+", help="image files, folders, or file.npz[:split]")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        help="image/DICOM/NIfTI files, folders, CSV/TSV listings (column 'path', optional "
+        "'patient_id' and 'label'), or file.npz[:split]",
+    )
     parser.add_argument("-o", "--output", default=None, help="CSV file (default: stdout)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(
+        "--num_workers", type=int, default=0, help="processes decoding files (default: 0, none)"
+    )
+    parser.add_argument(
+        "--window",
+        type=_window_arg,
+        default=None,
+        metavar="CENTER,WIDTH",
+        help="DICOM/NIfTI window in the file's units (e.g. 40,400 for CT soft tissue), instead "
+        "of the file's own (and the checkpoint's)",
+    )
+    for option, default in COLUMN_OPTIONS.items():
+        parser.add_argument(
+            f"--{option}",
+            default=None,
+            metavar="NAME",
+            help=f"a CSV/TSV listing's {option.split('_')[0]} column (default: the checkpoint's, "
+            f"else '{default}')",
+        )
+    parser.add_argument(
         "--force",
         action="store_true",
-        help="predict even when an npz input is another dataset than the checkpoint's",
+        help="predict even when an npz input is another dataset than the checkpoint's, or a "
+        "listing has labels the checkpoint does not know (they are then left out)",
     )
     args = parser.parse_args(argv)
     try:
-        predict(args.ckpt_path, args.inputs, args.output, args.batch_size, args.device, args.force)
+        predict(
+            args.ckpt_path,
+            args.inputs,
+            args.output,
+            args.batch_size,
+            args.device,
+            args.force,
+            args.window,
+            {option: getattr(args, option) for option in COLUMN_OPTIONS},
+            args.num_workers,
+        )
     except ValueError as err:  # CheckpointError included: a user problem, not a bug
         from medvit.cli import exit_with_user_error, show_tracebacks
 

@@ -1,0 +1,294 @@
+"""What ``medvit predict`` reads: its inputs as a list of images, and how files are decoded.
+
+Inputs: image, DICOM and NIfTI files (decoded by :func:`medvit.data.readers.load_image`), folders
+of them (recursively), CSV/TSV listings of paths (:func:`medvit.data.sources.read_csv`) and
+``file.npz[:split]``. No torch here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from medmnist import INFO
+
+from medvit.data.readers import IMAGE_SUFFIXES, is_image_file, load_image, to_uint8
+from medvit.data.sources import DataSourceError, Table, read_csv, scan_folder
+
+#: Inputs read as a listing of image paths (CSV, or TSV by suffix), not as an image.
+LISTING_SUFFIXES = (".csv", ".tsv", ".tab")
+
+#: Output columns predict writes itself; a CSV column of the same name is renamed ``input_<name>``.
+_OWN_COLUMNS = ("source", "index", "prediction", "label", "label_name", "error")
+
+
+@dataclass
+class Item:
+    """One image to predict: its name in the output, how to decode it, and what is known of it.
+
+    Attributes:
+        source: the ``source`` column: the path as given (relative to the CSV for a listing), or
+            ``file.npz:split``.
+        load: returns the image as ``uint8`` pixels.
+        label: the npz label row or the CSV's label (class index, or 0/1 per finding); None when
+            unknown.
+        columns: the CSV's other columns for this row (``patient_id``, ``split``, ...).
+    """
+
+    source: str
+    load: Callable[[], np.ndarray]
+    label: Any = None
+    columns: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How files are decoded: :func:`load_image`'s ``size``, ``in_chans`` and ``window``."""
+
+    size: int | None
+    in_chans: int
+    window: tuple[float, float] | None
+
+    def loader(self, path: Path) -> Callable[[], np.ndarray]:
+        """A function decoding ``path`` when called (in the DataLoader, so errors stay per row).
+
+        A :func:`functools.partial`, so that DataLoader worker processes can receive it.
+        """
+        return partial(load_image, path, self.size, self.in_chans, self.window)
+
+
+def _npz_image(images: np.ndarray, j: int) -> np.ndarray:
+    return to_uint8(images[j])
+
+
+def read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """``{split}_images`` (and ``{split}_labels`` if present) of an npz, never unpickling."""
+    key = f"{split}_images"
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise ValueError("a single .npy array, not an .npz archive")
+            if key not in npz:
+                raise ValueError(f"{path} has no key '{key}' (keys: {sorted(npz.files)}).")
+            images = npz[key]
+            key = f"{split}_labels"
+            labels = npz.get(key)
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        # e.g. an object (pickled) array: numpy's message does not say which file or key.
+        raise ValueError(f"{path}: cannot read '{key}' ({' '.join(str(err).split())}).") from err
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a readable .npz archive ({err}).") from err
+    if images.dtype == object or images.ndim not in (3, 4):
+        raise ValueError(
+            f"{path}: '{split}_images' has shape {images.shape} and dtype {images.dtype}; "
+            "expected (N, H, W) or (N, H, W, 3) images."
+        )
+    return images, labels
+
+
+def check_window(window: Any) -> tuple[float, float] | None:
+    """``(center, width)`` as floats, or None; ValueError in one line when it is not a window.
+
+    Takes a pair or the text ``"center,width"`` (as a config or checkpoint may hold it).
+    """
+    if window is None:
+        return None
+    if isinstance(window, str):
+        window = window.split(",")
+    try:
+        center, width = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be (center, width), got {window!r}.") from None
+    if not (math.isfinite(center) and math.isfinite(width)) or width < 1:
+        raise ValueError(f"window width must be a finite number >= 1, got {window!r}.")
+    return center, width
+
+
+def decoding_for(hp: Any, data_hp: dict[str, Any], window: Any) -> Decoding:
+    """Decode files as the training data was: its channels, its decode size, its window.
+
+    A MedMNIST checkpoint's data has its set's channels (a grey set stays grey here even for a
+    3-channel model: the transform repeats it, as in training) at ``data.size``; other data the
+    datamodule's ``in_chans`` (else the model's) and ``size`` (else the model's ``img_size``).
+    ``window`` (``--window``) wins over a ``window`` the datamodule was trained with.
+    """
+    flag = data_hp.get("flag")
+    own = data_hp.get("in_chans") or hp.in_chans
+    in_chans = INFO[flag]["n_channels"] if flag in INFO else own
+    size = data_hp.get("size") or hp.img_size
+    window = check_window(window if window is not None else data_hp.get("window"))
+    return Decoding(int(size), int(in_chans), window)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image, DICOM or NIfTI file under ``folder`` (recursively), hidden ones left out."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.is_file()
+        and is_image_file(p)
+    )
+
+
+def folder_labels(folder: Path, files: list[Path], task: str, names: list[str]) -> dict[Path, int]:
+    """The class of each file when ``folder`` has one subfolder per checkpoint class, else ``{}``.
+
+    The ImageFolder convention (optionally under ``train/``, ``val/``, ``test/``), read by
+    :func:`medvit.data.sources.scan_folder`; used only when every image found lies in a folder
+    named after one of the checkpoint's classes, so any other layout is simply unlabelled.
+    """
+    if task == "multilabel" or not files:
+        return {}
+    try:
+        table = scan_folder(folder, class_names=names)
+    except (DataSourceError, ValueError):
+        return {}
+    found = dict(zip(table.paths, table.labels.tolist(), strict=True))
+    where = {f: Path(os.path.normpath(os.path.abspath(f))) for f in files}
+    if table.problems or set(found) != set(where.values()):
+        return {}
+    return {f: found[where[f]] for f in files}
+
+
+def output_name(column: str) -> str:
+    """A CSV column's name in the output: ``input_<name>`` when predict writes one so named."""
+    # patient_id and split are in extra only when other columns play those roles.
+    clash = column in (*_OWN_COLUMNS, "patient_id", "split") or column.startswith(
+        ("prob_", "input_")
+    )
+    return f"input_{column}" if clash else column
+
+
+#: The listing's column options (names as :func:`medvit.data.sources.read_csv` takes them) and
+#: their defaults; a checkpoint's datamodule and the command line may name other columns.
+COLUMN_OPTIONS = {
+    "path_column": "path",
+    "label_column": "label",
+    "patient_column": "patient_id",
+    "split_column": "split",
+}
+
+
+def listing_items(
+    path: Path,
+    decoding: Decoding,
+    task: str,
+    names: list[str],
+    force: bool,
+    columns: dict[str, str] | None = None,
+) -> list[Item]:
+    """The rows of a CSV/TSV listing as :class:`Item` entries, in file order.
+
+    Paths are relative to the listing. Labels are read when the listing has them for this
+    checkpoint: a label column (class names or indices of the checkpoint's classes) or, for a
+    multi-label checkpoint, one 0/1 column per class name. The patient column (written as
+    ``patient_id``), ``split`` and every other column are kept for the output.
+
+    Args:
+        columns: column names by :data:`COLUMN_OPTIONS` key; the path column must exist, the
+            others are used when present.
+
+    Raises:
+        ValueError: the listing lacks its path column or has bad rows (e.g. labels the
+            checkpoint does not have; with ``force`` those rows are predicted without labels).
+    """
+    named = {**COLUMN_OPTIONS, **(columns or {})}
+    # Read once without labels to see the columns, keeping only the named ones the file has.
+    first = read_csv(path, path_column=named["path_column"], label_column="", label_columns=[])
+    present = {*first.extra, named["path_column"]}
+    present |= {"patient_id"} if first.patient_ids is not None else set()
+    present |= {"split"} if first.splits is not None else set()
+    options = {
+        key: named[key] if named[key] in present else COLUMN_OPTIONS[key]
+        for key in ("path_column", "patient_column", "split_column")
+    }
+    plain = read_csv(path, label_column="", label_columns=[], **options)
+    table: Table = plain
+    if task == "multilabel" and names and all(n in present for n in names):
+        table = read_csv(path, label_columns=names, **options)
+    elif task != "multilabel" and named["label_column"] in present:
+        table = read_csv(path, label_column=named["label_column"], class_names=names, **options)
+    labelled = table is not plain
+    if labelled and table.problems and all(p.kind == "unknown labels" for p in table.problems):
+        if force:
+            table, labelled = plain, False
+        else:
+            raise ValueError(
+                f"{DataSourceError(path, table.problems)} The checkpoint's classes are "
+                f"{names}; give --force to predict these rows without labels."
+            )
+    if table.problems:
+        raise DataSourceError(path, table.problems)
+    kept: dict[str, np.ndarray] = {}
+    if table.patient_ids is not None:
+        kept["patient_id"] = table.patient_ids
+    if table.splits is not None:
+        kept["split"] = table.splits
+    kept.update({output_name(k): v for k, v in table.extra.items()})
+    return [
+        Item(
+            source,
+            decoding.loader(file),
+            table.labels[k] if labelled else None,
+            {c: str(v[k]) for c, v in kept.items()},
+        )
+        for k, (file, source) in enumerate(zip(table.paths, table.rel_paths(), strict=True))
+    ]
+
+
+def collect(
+    inputs: list[str],
+    decoding: Decoding,
+    task: str,
+    names: list[str],
+    force: bool,
+    columns: dict[str, str] | None = None,
+) -> list[Item]:
+    """Expand the command line's inputs into the images to predict, in order.
+
+    ``columns`` names a listing's columns (see :func:`listing_items`).
+    """
+    items: list[Item] = []
+    for spec in inputs:
+        path_str, _, split = (
+            spec.partition(":") if spec.endswith((":train", ":val", ":test")) else (spec, "", "")
+        )
+        path = Path(path_str)
+        if path.suffix == ".npz":
+            split = split or "test"
+            if not path.is_file():
+                raise ValueError(f"{path} does not exist.")
+            images, split_labels = read_npz_split(path, split)
+            for j in range(len(images)):
+                label = None if split_labels is None else split_labels[j].tolist()
+                load = partial(_npz_image, images, j)
+                items.append(Item(f"{path.name}:{split}", load, label))
+        elif path.is_dir():
+            files = image_files(path)
+            labels = folder_labels(path, files, task, names)
+            items += [Item(str(f), decoding.loader(f), labels.get(f)) for f in files]
+        elif not path.is_file():
+            raise ValueError(f"{path} does not exist.")
+        elif path.name.lower().endswith(LISTING_SUFFIXES):
+            items += listing_items(path, decoding, task, names, force, columns)
+        elif is_image_file(path):
+            items.append(Item(str(path), decoding.loader(path)))
+        else:
+            raise ValueError(
+                f"{path}: expected an image ({', '.join(sorted(IMAGE_SUFFIXES))}), a DICOM or "
+                f"NIfTI file, a folder, a CSV/TSV listing ({', '.join(LISTING_SUFFIXES)}) or an "
+                ".npz[:split]."
+            )
+    if not items:
+        raise ValueError(f"No images found in {inputs}.")
+    return items
