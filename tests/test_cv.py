@@ -935,3 +935,30 @@ def test_cv_of_image_data_runs_folds_with_the_data_class_and_patient_groups(
     assert cv_config["group_by"] == "patient_id" and len(cv_config["group_by_sha256"]) == 64
     assert "data.class_path" in cv_config["fit_config"]
     assert "data.init_args.decode_workers" not in cv_config["fit_config"]  # volatile
+
+
+@pytest.mark.slow  # three processes (the CV and two folds) on tiny PNGs: ~60 s on 2 cores
+def test_real_cv_of_a_csv_of_pngs_grouped_by_patient(tmp_path: Path) -> None:
+    csv_path = _patient_pngs(tmp_path, patients=16, per_patient=3, size=28)
+    cv_dir = tmp_path / "cv"
+    cmd = [sys.executable, "-m", "medvit", "cv", "--folds", "2", "--group-by", "patient_id"]
+    cmd += ["-c", str(REPO / "configs" / "experiment" / "breastmnist.yaml")]
+    cmd += ["--data", "ImageDataModule", "--data.path", str(csv_path)]
+    cmd += ["--data.decode_workers=0", f"--data.cache_dir={tmp_path / 'cache'}"]
+    cmd += [*short_trainer_args(1, verify_md5=True), "--cv-dir", str(cv_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((cv_dir / "cv_summary.json").read_text())
+    assert summary["complete"] and summary["runs_completed"] == 2
+    assert summary["ensemble"]["n_models"] == 2 and "auroc" in summary["test"]
+    fold_sets = _fold_sets(cv_dir / "folds.csv")
+    assert len(fold_sets) > 4 and all(len(folds) == 1 for folds in fold_sets.values())
+    for name in ("r0-f0", "r0-f1"):  # each fold trained on the CSV's images, split as in the CV
+        run_dir = cv_dir / "runs" / name
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["data"]["class_path"] == "medvit.data.images.ImageDataModule"
+        assert config["data"]["init_args"]["fold"] == int(name[-1])
+        with open(run_dir / "splits.csv", newline="") as fh:
+            test_patients = {r["patient_id"] for r in csv.DictReader(fh) if r["split"] == "test"}
+        assert test_patients and not test_patients & {p for _, p in fold_sets}
