@@ -74,6 +74,7 @@ def export_pngs(npz_path: Path, out: Path) -> Path:
 
 def measure_decode(csv_path: Path, size: int, workers: int, cache: Path) -> dict[str, Any]:
     """One cache build of ``csv_path`` into the empty folder ``cache``: time and rates."""
+    from medvit.data import decode
     from medvit.data.files import release_caches
     from medvit.data.images import ImageDataModule
 
@@ -83,9 +84,11 @@ def measure_decode(csv_path: Path, size: int, workers: int, cache: Path) -> dict
     took = time.perf_counter() - t0
     n = len(dm.table)
     release_caches()
-    cores = max(1, workers)
+    # Few files are decoded in this process: a pool would cost more than it saves.
+    cores = 1 if workers <= 1 or n < getattr(decode, "_MIN_FILES_FOR_POOL", 0) else workers
     return {
         "decode_workers": workers,
+        "processes": cores,
         "images": n,
         "seconds": took,
         "images_per_s": n / took,
@@ -264,12 +267,12 @@ def markdown(report: dict[str, Any]) -> str:
     """The RESULTS.md rows of a report."""
     r, a = report["result"], report["config"]
     lines = [
-        "| decode workers | images | s | images/s | images/s per core |",
+        "| decode processes | images | s | images/s | images/s per core |",
         "|---|---|---|---|---|",
     ]
     for d in r["decode"]:
         lines.append(
-            f"| {d['decode_workers']} | {d['images']} | {d['seconds']:.2f} "
+            f"| {d['processes']} | {d['images']} | {d['seconds']:.2f} "
             f"| {d['images_per_s']:.0f} | {d['images_per_s_per_core']:.0f} |"
         )
     t = r["train"]
