@@ -904,6 +904,18 @@ def test_group_by_patient_column_of_image_data_keeps_patients_in_one_fold(tmp_pa
         assert {p for _, p in fold_sets} == set(groups.tolist())
 
 
+def test_group_by_a_column_of_medmnist_data_is_refused_in_one_line(tmp_path) -> None:
+    pool = cv.Pool(
+        np.array(["train"] * 4), np.arange(4), np.zeros((4, 1), int), "binary", ["a", "b"],
+        {"train": 4, "val": 0},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="not a column of the data") as err:
+        cv.load_groups("patient_id", pool)
+    assert "MedMNIST has no patient ids" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="--group-by file .*groups.csv does not exist"):
+        cv.load_groups(str(tmp_path / "groups.csv"), pool)
+
+
 def test_cv_of_image_data_runs_folds_with_the_data_class_and_patient_groups(
     tmp_path, monkeypatch
 ) -> None:

@@ -192,7 +192,7 @@ def load_groups(path: str | os.PathLike, pool: Pool) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         if path.suffix not in (".csv", ".npy") and len(path.parts) == 1:
-            have = ", ".join(sorted(pool.columns)) or "none (MedMNIST data has no columns)"
+            have = ", ".join(sorted(pool.columns)) or "none; MedMNIST has no patient ids"
             raise ValueError(
                 f"--group-by {path}: no such file, and not a column of the data (its columns: "
                 f"{have}). Give a CSV (split,index,group) or .npy file, or a column name."
