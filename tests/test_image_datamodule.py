@@ -417,6 +417,27 @@ def test_fit_on_a_folder_of_class_folders_end_to_end(tmp_path: Path) -> None:
     assert len(predictions.target) == sum(1 for s in splits.values() if s == "test")
 
 
+def test_resume_and_test_use_the_split_the_run_made(tmp_path: Path) -> None:
+    """A made split is read back from the run folder, whatever split_seed says now."""
+    csv_path = patient_csv(tmp_path, patients=12, per_patient=2)
+    quick = short_trainer_args(1, batch_size=4, verify_md5=True)
+    cache = f"--data.cache_dir={tmp_path / 'cache'}"
+    main(["fit", "-c", RECIPE, "--data", "ImageDataModule", f"--data.path={csv_path}", cache,
+          f"--run.root={tmp_path / 'runs'}", "--data.split_seed=1", *quick])  # fmt: skip
+    (run_dir,) = (tmp_path / "runs" / "labels").iterdir()
+    made = runs.read_splits(run_dir / runs.SPLITS_FILE)
+    other_seed = "--data.split_seed=2"  # would make another split of these 12 patients
+    main(["fit", "-c", str(run_dir / runs.CONFIG_FILE), cache, other_seed, *quick,
+          "--trainer.max_epochs=2", f"--ckpt_path={runs.last_checkpoint(run_dir)}"])  # fmt: skip
+    assert runs.read_splits(run_dir / runs.SPLITS_FILE) == made
+    main(["test", "-c", str(run_dir / runs.CONFIG_FILE), cache, other_seed,
+          f"--ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"])  # fmt: skip
+    (tested,) = [d for d in (tmp_path / "runs" / "labels").iterdir() if d.name.endswith("-test")]
+    assert runs.read_splits(tested / runs.SPLITS_FILE) == made
+    predictions = runs.read_predictions(tested / runs.PREDICTIONS_FILE)
+    assert len(predictions.target) == sum(1 for s in made.values() if s == "test")
+
+
 # ---------------------------------------------------------------- the equivalence with .npz
 @pytest.mark.slow
 def test_pngs_listed_in_a_csv_train_exactly_as_the_npz(real_data: Path, tmp_path: Path) -> None:
