@@ -974,3 +974,13 @@ def test_real_cv_of_a_csv_of_pngs_grouped_by_patient(tmp_path: Path) -> None:
         with open(run_dir / "splits.csv", newline="") as fh:
             test_patients = {r["patient_id"] for r in csv.DictReader(fh) if r["split"] == "test"}
         assert test_patients and not test_patients & {p for _, p in fold_sets}
+
+
+def test_fold_options_of_a_selected_data_class_are_refused_too(tmp_path) -> None:
+    with pytest.raises(SystemExit):
+        cv.parse_args(["--data", "ImageDataModule", "--data.init_args.fold=1"])
+    config = _config(tmp_path)
+    config["data"] = _image_data_config(tmp_path / "labels.csv", tmp_path / "cache")
+    config["data"]["init_args"]["folds_file"] = "folds.csv"
+    with pytest.raises(ValueError, match="sets data.folds_file='folds.csv'; medvit cv sets it"):
+        runner._check_fit_config(config)
