@@ -147,6 +147,36 @@ def test_pipeline_reports_images_per_second(tmp_path: Path) -> None:
     assert report["data"].startswith("synthetic")
 
 
+# ------------------------------------------------------------------------------- own data
+def test_own_data_compares_pngs_in_a_csv_with_the_npz(tmp_path: Path) -> None:
+    out = tmp_path / "own_data.json"
+    args = ["--n-train", "32", "--repeats", "2", "--epochs", "2", "--decode-repeats", "1"]
+    args += ["--patch-size", "7", "--num-workers", "0", "--batch-size", "8"]
+    args += ["--workdir", str(tmp_path), "--out", str(out)]
+    report = load("own_data").main(args)
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report, default=str))
+    r = report["result"]
+    assert r["images"] == {"train": 32, "val": 8, "test": 8}
+    assert [d["decode_workers"] for d in r["decode"]] == [1, 2]
+    for d in r["decode"]:
+        assert d["images"] == 48 and d["images_per_s"] > 0
+        assert d["processes"] == 1  # 48 files: decoded in the process, even when 2 are allowed
+        assert d["images_per_s_per_core"] == pytest.approx(d["images_per_s"])
+    for source in ("npz", "png"):
+        runs = r["train"][source]["runs"]
+        assert len(runs) == 2 and all(len(run["epochs"]) == 2 for run in runs)
+        assert all(e["images"] == 32 for run in runs for e in run["epochs"])  # 4 batches of 8
+    png, npz = r["train"]["png"]["runs"], r["train"]["npz"]["runs"]
+    assert r["ratios"] == pytest.approx(
+        [p["images_per_s"] / n["images_per_s"] for p, n in zip(png, npz, strict=True)]
+    )
+    assert r["ratio_png_over_npz"] == pytest.approx(float(np.median(r["ratios"])))
+    # The same bytes in the same order with the same seed: the same weights.
+    assert r["max_abs_weight_diff"] == [0.0, 0.0]
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # PNGs, caches and runs deleted
+
+
 # -------------------------------------------------------------------------------- bigdata
 @pytest.mark.slow
 def test_bigdata_measures_the_whole_process_tree(tmp_path: Path) -> None:

@@ -814,3 +814,173 @@ def test_each_fold_gets_its_own_ddp_group(real_data: Path, tmp_path: Path) -> No
         # Test predictions gathered over both ranks: every test sample exactly once.
         with np.load(run_dir / "test_predictions.npz") as npz:
             assert npz["index"].tolist() == list(range(156))
+
+
+# ----------------------------------------------------------------- own data (ImageDataModule)
+def _patient_pngs(tmp: Path, patients: int = 20, per_patient: int = 3, size: int = 16) -> Path:
+    """``labels.csv`` of tiny PNGs, ``per_patient`` per patient, one label per patient, no split
+    column (medvit makes the split) and a ``site`` column."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp / "img").mkdir(parents=True, exist_ok=True)
+    with open(tmp / "labels.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "patient_id", "site"])
+        for p in range(patients):
+            label = p % 2
+            for j in range(per_patient):
+                image = rng.integers(0, 60, (size, size), dtype=np.uint8)
+                image[: size // 2, label * size // 2 : (label + 1) * size // 2] = 255
+                name = f"img/p{p:02d}_{j}.png"
+                Image.fromarray(image).save(tmp / name)
+                writer.writerow([name, ["normal", "tumour"][label], f"P{p}", f"S{p % 3}"])
+    return tmp / "labels.csv"
+
+
+def _image_data_config(csv_path: Path, cache: Path) -> dict[str, Any]:
+    """``data`` of a resolved fit config with ``--data ImageDataModule`` (subclass mode)."""
+    return {
+        "class_path": "medvit.data.images.ImageDataModule",
+        "init_args": {
+            "path": str(csv_path),
+            "size": 16,
+            "num_workers": 0,
+            "decode_workers": 0,
+            "global_batch_size": 4,
+            "cache_dir": str(cache),
+            "folds_file": None,
+            "fold": None,
+            "repeat": 0,
+        },
+    }
+
+
+def _fold_sets(folds_csv: Path, column: str = "group") -> dict[tuple[str, str], set[str]]:
+    """(repeat, group) -> the validation folds that group's rows are in."""
+    with open(folds_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out: dict[tuple[str, str], set[str]] = {}
+    for row in rows:
+        out.setdefault((row["repeat"], row[column]), set()).add(row["fold"])
+    return out
+
+
+def test_group_by_patient_column_of_image_data_keeps_patients_in_one_fold(tmp_path) -> None:
+    from medvit.data.files import release_caches
+    from medvit.data.images import ImageDataModule
+
+    csv_path = _patient_pngs(tmp_path)
+    data = _image_data_config(csv_path, tmp_path / "cache")
+    try:
+        pool = cv.load_pool(data, "train+val")
+        dm = ImageDataModule(**{**data["init_args"], "folds_file": None, "fold": None})
+        dm.prepare_data()
+        # The group of each pool sample is the patient of the file at that split index.
+        patient_of = {}
+        for split in ("train", "val", "test"):
+            files, patients = dm.split_samples(split)
+            patient_of.update({(split, i): p for i, p in enumerate(patients)})
+            assert all(f"p{p[1:].zfill(2)}_" in f for f, p in zip(files, patients, strict=True))
+    finally:
+        release_caches()
+    groups = cv.load_groups("patient_id", pool)
+    assert groups.tolist() == [
+        patient_of[(s, i)] for s, i in zip(pool.split.tolist(), pool.index.tolist(), strict=True)
+    ]
+    test_patients = {p for (s, _), p in patient_of.items() if s == "test"}
+    assert test_patients and not test_patients & set(groups.tolist())  # the split is grouped too
+    # Another CSV column groups as well; a name that is neither a column nor a file is refused.
+    assert len(set(cv.load_groups("site", pool).tolist())) == 3
+    with pytest.raises(ValueError, match=r"not a column of the data \(its columns: patient_id"):
+        cv.load_groups("hospital", pool)
+    for seed in range(5):
+        plan = cv.plan_folds(pool, 3, seed, 2, groups)
+        path = tmp_path / f"folds-{seed}.csv"
+        path.write_text(plan.csv_text())
+        fold_sets = _fold_sets(path)
+        assert all(len(folds) == 1 for folds in fold_sets.values()), seed
+        assert {f for folds in fold_sets.values() for f in folds} == {"0", "1", "2"}
+        assert {p for _, p in fold_sets} == set(groups.tolist())
+
+
+def test_group_by_a_column_of_medmnist_data_is_refused_in_one_line(tmp_path) -> None:
+    pool = cv.Pool(
+        np.array(["train"] * 4), np.arange(4), np.zeros((4, 1), int), "binary", ["a", "b"],
+        {"train": 4, "val": 0},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="not a column of the data") as err:
+        cv.load_groups("patient_id", pool)
+    assert "MedMNIST has no patient ids" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="--group-by file .*groups.csv does not exist"):
+        cv.load_groups(str(tmp_path / "groups.csv"), pool)
+
+
+def test_cv_of_image_data_runs_folds_with_the_data_class_and_patient_groups(
+    tmp_path, monkeypatch
+) -> None:
+    from medvit.data.files import release_caches
+
+    csv_path = _patient_pngs(tmp_path)
+    config = _config(tmp_path)
+    config["data"] = _image_data_config(csv_path, tmp_path / "cache")
+    monkeypatch.setattr(runner, "resolve_fit_config", lambda args: config)
+    fit = FakeFit(n_test=12)
+    fit_args = ["--data", "ImageDataModule", "--data.path", str(csv_path)]
+    try:
+        argv = ["--cv-dir", str(tmp_path / "cv"), "--folds", "3", "--group-by", "patient_id"]
+        monkeypatch.setattr(runner, "launch", fit)
+        assert runner.run_cv([*argv, *fit_args]) == 0
+    finally:
+        release_caches()
+    assert runner.experiment_of(config) == "labels_16"  # as medvit fit names it
+    cmd = fit.calls[0]["cmd"]
+    assert cmd[cmd.index("fit") + 1 : cmd.index("fit") + 5] == fit_args
+    assert cmd[cmd.index("--data.folds_file") + 1] == str(tmp_path / "cv" / "folds.csv")
+    with open(tmp_path / "cv" / "folds.csv", newline="") as fh:
+        header = csv.DictReader(fh).fieldnames
+    assert header == ["split", "index", "repeat", "fold", "label", "group"]
+    fold_sets = _fold_sets(tmp_path / "cv" / "folds.csv")
+    assert all(len(folds) == 1 for folds in fold_sets.values())
+    assert all(p.startswith("P") for _, p in fold_sets)
+    cv_config = json.loads((tmp_path / "cv" / "cv_config.json").read_text())
+    assert cv_config["group_by"] == "patient_id" and len(cv_config["group_by_sha256"]) == 64
+    assert "data.class_path" in cv_config["fit_config"]
+    assert "data.init_args.decode_workers" not in cv_config["fit_config"]  # volatile
+
+
+@pytest.mark.slow  # three processes (the CV and two folds) on tiny PNGs: ~60 s on 2 cores
+def test_real_cv_of_a_csv_of_pngs_grouped_by_patient(tmp_path: Path) -> None:
+    csv_path = _patient_pngs(tmp_path, patients=16, per_patient=3, size=28)
+    cv_dir = tmp_path / "cv"
+    cmd = [sys.executable, "-m", "medvit", "cv", "--folds", "2", "--group-by", "patient_id"]
+    cmd += ["-c", str(REPO / "configs" / "experiment" / "breastmnist.yaml")]
+    cmd += ["--data", "ImageDataModule", "--data.path", str(csv_path)]
+    cmd += ["--data.decode_workers=0", f"--data.cache_dir={tmp_path / 'cache'}"]
+    cmd += [*short_trainer_args(1, verify_md5=True), "--cv-dir", str(cv_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((cv_dir / "cv_summary.json").read_text())
+    assert summary["complete"] and summary["runs_completed"] == 2
+    assert summary["ensemble"]["n_models"] == 2 and "auroc" in summary["test"]
+    fold_sets = _fold_sets(cv_dir / "folds.csv")
+    assert len(fold_sets) > 4 and all(len(folds) == 1 for folds in fold_sets.values())
+    for name in ("r0-f0", "r0-f1"):  # each fold trained on the CSV's images, split as in the CV
+        run_dir = cv_dir / "runs" / name
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["data"]["class_path"] == "medvit.data.images.ImageDataModule"
+        assert config["data"]["init_args"]["fold"] == int(name[-1])
+        with open(run_dir / "splits.csv", newline="") as fh:
+            test_patients = {r["patient_id"] for r in csv.DictReader(fh) if r["split"] == "test"}
+        assert test_patients and not test_patients & {p for _, p in fold_sets}
+
+
+def test_fold_options_of_a_selected_data_class_are_refused_too(tmp_path) -> None:
+    with pytest.raises(SystemExit):
+        cv.parse_args(["--data", "ImageDataModule", "--data.init_args.fold=1"])
+    config = _config(tmp_path)
+    config["data"] = _image_data_config(tmp_path / "labels.csv", tmp_path / "cache")
+    config["data"]["init_args"]["folds_file"] = "folds.csv"
+    with pytest.raises(ValueError, match="sets data.folds_file='folds.csv'; medvit cv sets it"):
+        runner._check_fit_config(config)

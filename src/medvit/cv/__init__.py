@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-by",
         default=None,
         metavar="FILE",
-        help="CSV (columns split,index,group) or .npy (one id per pool sample, pool order: "
-        "train then val) of group ids, e.g. patients; no group is split across folds",
+        help="group ids, e.g. patients; no group is split across folds: a column of the data "
+        "(--group-by patient_id with --data ImageDataModule), or a CSV (columns split,index,"
+        "group) or .npy (one id per pool sample, pool order: train then val) file",
     )
     parser.add_argument(
         "--pool", choices=POOLS, default="train+val", help="samples to split (default train+val)"
@@ -126,7 +127,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = build_parser()
     args, fit_args = parser.parse_known_args(argv)
     for arg in fit_args:
-        key = arg.split("=", 1)[0]
+        key = arg.split("=", 1)[0].replace("--data.init_args.", "--data.", 1)
         if key in RESERVED_ARGS:
             parser.error(f"{key} is set by medvit cv for each fold; leave it out.")
     if fit_args and fit_args[0] == "fit":

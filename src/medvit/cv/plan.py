@@ -8,8 +8,10 @@ reads what they are made of and names the runs they give. ``folds.csv`` is writt
 from __future__ import annotations
 
 import csv
+import hashlib
+import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,12 @@ class FoldRun:
 
 @dataclass
 class Pool:
-    """The samples that are split into folds: official split and index, labels, task."""
+    """The samples that are split into folds: official split and index, labels, task.
+
+    ``columns`` holds, per pool sample, the values of the data's columns a CV may group by
+    (``--group-by patient_id``): the patient column and the other CSV columns of an
+    ``ImageDataModule``; none for MedMNIST.
+    """
 
     split: np.ndarray
     index: np.ndarray
@@ -41,6 +48,7 @@ class Pool:
     task: str
     class_names: list[str]
     split_sizes: dict[str, int]
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def multilabel(self) -> bool:
@@ -91,14 +99,65 @@ class FoldPlan:
         )
 
 
-def load_pool(data_config: dict[str, Any], pool: str) -> Pool:
-    """Labels of the pool (official train, or train then val) read through the DataModule."""
-    from medvit.data.medmnist import MedMNISTDataModule
+#: MedMNISTDataModule arguments that say which data is read (not how it is loaded).
+_MEDMNIST_KEYS = ("flag", "size", "root", "download", "verify_md5", "cache_dir", "base_url")
+#: Arguments a CV sets per fold; the pool is the data without them.
+_FOLD_KEYS = ("folds_file", "fold", "repeat")
 
+
+def build_datamodule(data_config: dict[str, Any]) -> Any:
+    """The DataModule of a resolved fit config's ``data``, without fold arguments.
+
+    ``data`` is MedMNISTDataModule's arguments, or ``{class_path, init_args}`` when the
+    command selects a class (``--data ImageDataModule``).
+    """
+    if "class_path" not in data_config:
+        from medvit.data.medmnist import MedMNISTDataModule
+
+        return MedMNISTDataModule(**{k: data_config[k] for k in _MEDMNIST_KEYS if k in data_config})
+    class_path = str(data_config["class_path"])
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"data class_path {class_path!r} cannot be imported.") from None
+    init = dict(data_config.get("init_args") or {})
+    if class_name == "MedMNISTDataModule":
+        init = {k: v for k, v in init.items() if k in _MEDMNIST_KEYS}
+    return cls(**{k: v for k, v in init.items() if k not in _FOLD_KEYS})
+
+
+def _data_columns(dm: Any, parts: list[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Values of the data's columns per pool sample (``parts``: split name, labels), in pool
+    order: the patient column (from :meth:`split_samples`) and the source's other columns."""
+    if not hasattr(dm, "split_samples"):
+        return {}
+    files: list[str] = []
+    patients: list[str] | None = []
+    for name, _ in parts:
+        names, pids = dm.split_samples(name)
+        files += names
+        patients = None if pids is None or patients is None else patients + pids
+    columns: dict[str, np.ndarray] = {}
+    table = getattr(dm, "table", None)
+    if table is not None and table.extra:
+        row_of = {p: i for i, p in enumerate(table.rel_paths())}
+        rows = np.array([row_of[f] for f in files], dtype=np.int64)
+        columns.update({k: np.asarray(v).astype(str)[rows] for k, v in table.extra.items()})
+    if patients is not None:
+        columns[str(dm.hparams.patient_column)] = np.array(patients, dtype=str)
+    return columns
+
+
+def load_pool(data_config: dict[str, Any], pool: str) -> Pool:
+    """Labels of the pool (official train, or train then val) read through the DataModule.
+
+    The DataModule is the fit config's (MedMNIST, or the class ``--data`` selects, e.g.
+    ``ImageDataModule``, whose images are decoded into its cache here, once for every fold).
+    """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got '{pool}'.")
-    keys = ("flag", "size", "root", "download", "verify_md5", "cache_dir", "base_url")
-    dm = MedMNISTDataModule(**{k: data_config[k] for k in keys if k in data_config})
+    dm = build_datamodule(data_config)
     dm.prepare_data()
     dm.setup("fit")
     sizes = {"train": len(dm.data_train), "val": len(dm.data_val)}
@@ -108,17 +167,36 @@ def load_pool(data_config: dict[str, Any], pool: str) -> Pool:
     split = np.concatenate([np.full(len(lab), name) for name, lab in parts])
     index = np.concatenate([np.arange(len(lab)) for _, lab in parts])
     labels = np.concatenate([lab for _, lab in parts]).astype(np.int64)
-    return Pool(split, index, labels, dm.task, dm.class_names, sizes)
+    columns = _data_columns(dm, parts)
+    return Pool(split, index, labels, dm.task, dm.class_names, sizes, columns)
+
+
+def groups_fingerprint(group_by: str, groups: np.ndarray, pool: Pool) -> str:
+    """SHA-256 of what ``--group-by`` names: the file's bytes, or a data column's values."""
+    if group_by in pool.columns:
+        text = "\n".join([f"column:{group_by}", *groups.tolist()])
+        return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(Path(group_by).read_bytes()).hexdigest()
 
 
 def load_groups(path: str | os.PathLike, pool: Pool) -> np.ndarray:
-    """Group id per pool sample from a CSV (``split,index,group``) or an ``.npy`` file.
+    """Group id per pool sample: a column of the data, a CSV (``split,index,group``) or ``.npy``.
 
-    An ``.npy`` holds one id per pool sample in pool order (train, then val); for
-    ``--pool train`` an array covering train+val is accepted and cut to train.
+    A column name (``patient_id``) takes the values the DataModule has for each pool sample
+    (:attr:`Pool.columns`): the grouping of its own split, so no patient is in two folds. An
+    ``.npy`` holds one id per pool sample in pool order (train, then val); for ``--pool train``
+    an array covering train+val is accepted and cut to train.
     """
+    if str(path) in pool.columns:
+        return pool.columns[str(path)]
     path = Path(path)
     if not path.is_file():
+        if path.suffix not in (".csv", ".npy") and len(path.parts) == 1:
+            have = ", ".join(sorted(pool.columns)) or "none; MedMNIST has no patient ids"
+            raise ValueError(
+                f"--group-by {path}: no such file, and not a column of the data (its columns: "
+                f"{have}). Give a CSV (split,index,group) or .npy file, or a column name."
+            )
         raise ValueError(f"--group-by file {path} does not exist.")
     n = len(pool.index)
     if path.suffix == ".npy":

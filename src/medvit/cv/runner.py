@@ -29,7 +29,14 @@ import yaml
 from medvit import runs
 from medvit.cv import parse_args
 from medvit.cv.foldproc import PARENT_ENV
-from medvit.cv.plan import FoldPlan, FoldRun, load_groups, load_pool, plan_folds
+from medvit.cv.plan import (
+    FoldPlan,
+    FoldRun,
+    groups_fingerprint,
+    load_groups,
+    load_pool,
+    plan_folds,
+)
 from medvit.cv.summary import format_table, log_wandb_summary, summarize, wandb_sync_command
 
 # Settings that say where files live or how progress is shown, not what is trained: they may
@@ -47,6 +54,7 @@ VOLATILE_KEYS = (
     "data.base_url",
     "data.num_workers",
     "data.pin_memory",
+    "data.decode_workers",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "progress_bar",
@@ -97,6 +105,11 @@ def resolve_fit_config(fit_args: list[str]) -> dict[str, Any]:
     return config
 
 
+def _data_key(key: str) -> str:
+    """``data.init_args.X`` (a config selecting a data class) -> ``data.X``, for key checks."""
+    return "data." + key[len("data.init_args.") :] if key.startswith("data.init_args.") else key
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -114,21 +127,30 @@ def config_fingerprint(config: dict[str, Any]) -> tuple[dict[str, Any], str]:
     kept = {
         k: v
         for k, v in flat.items()
-        if not any(k == v_key or k.startswith(f"{v_key}.") for v_key in VOLATILE_KEYS)
+        if not any(
+            _data_key(k) == v_key or _data_key(k).startswith(f"{v_key}.") for v_key in VOLATILE_KEYS
+        )
     }
     text = json.dumps(kept, sort_keys=True, default=str)
     return kept, hashlib.sha256(text.encode()).hexdigest()
 
 
 def experiment_of(config: dict[str, Any]) -> str:
-    """Experiment name of a resolved fit config, as ``medvit fit`` names it."""
+    """Experiment name of a resolved fit config, as ``medvit fit`` names it: the MedMNIST flag,
+    or the data's name (a folder's name, a CSV file's stem) for ``--data ImageDataModule``."""
     run, data = config.get("run") or {}, config["data"]
-    return runs.experiment_name(run.get("name"), data["flag"], data["size"])
+    if "class_path" in data:
+        data = data.get("init_args") or {}
+    name = data.get("flag")
+    if not name and data.get("path"):
+        path = Path(str(data["path"]).rstrip("/\\"))
+        name = path.name if path.is_dir() else path.stem
+    return runs.experiment_name(run.get("name"), name or "data", data.get("size"))
 
 
 def _check_fit_config(config: dict[str, Any]) -> None:
     """Refuse fit settings that would break the per-fold layout or never finish a fold."""
-    flat = _flatten(config)
+    flat = {_data_key(k): v for k, v in _flatten(config).items()}
     for key in ("data.folds_file", "data.fold", "run.dir", "ckpt_path", "checkpoint.dirpath"):
         if flat.get(key) is not None:
             raise ValueError(
@@ -366,7 +388,7 @@ def _cv_config(
 ) -> dict[str, Any]:
     """The content of ``cv_config.json`` for this invocation."""
     kept, fit_hash = config_fingerprint(config)
-    group_sha = _sha256(Path(args.group_by).read_bytes()) if args.group_by else None
+    group_sha = groups_fingerprint(args.group_by, plan.groups, plan.pool) if args.group_by else None
     return {
         "experiment": experiment,
         "command": ["medvit", "cv", *argv],
