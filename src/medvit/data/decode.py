@@ -23,8 +23,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +36,8 @@ from medvit.data.files import (
     DataFileError,
     _hold,
     _unpack_lock,
+    building,
+    check_free_space,
     prune_caches,
 )
 from medvit.data.readers import ImageReadError, load_image
@@ -201,15 +201,19 @@ def _read_failed(folder: Path) -> list[tuple[Path, str, str]]:
 def _build(out, paths, labels, splits, source, size, channels, window, workers) -> None:
     shape = (size, size) if channels == 1 else (size, size, channels)
     need = len(paths) * int(np.prod(shape)) + labels.nbytes
-    free = shutil.disk_usage(out.parent).free
-    if need > free:
-        raise DataFileError(
-            f"Decoding {len(paths)} images at {size} px needs {need / 2**30:.2f} GiB, but "
-            f"{out.parent} has {free / 2**30:.2f} GiB free; free some space or choose "
-            "--data.cache_dir."
-        )
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    check_free_space(need, out.parent, f"Decoding {len(paths)} images at {size} px needs")
     try:
+        _write_arrays(out, paths, labels, splits, source, size, channels, window, workers)
+    except OSError as err:
+        raise DataFileError(
+            f"Could not write the decode cache in {out.parent} ({err.strerror or err}); free "
+            "some space or choose --data.cache_dir."
+        ) from err
+
+
+def _write_arrays(out, paths, labels, splits, source, size, channels, window, workers) -> None:
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    with building(out, source) as tmp:
         rows = {s: np.flatnonzero(splits == s) for s in SPLITS}
         position = np.zeros(len(paths), dtype=np.int64)  # row within its split
         for s in SPLITS:
@@ -252,18 +256,6 @@ def _build(out, paths, labels, splits, source, size, channels, window, workers) 
             "failed": failed,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest))
-        (tmp / _COMPLETE).write_text(str(Path(source).resolve()))
-        if out.exists():  # a folder without its marker (left by a crash): replace it
-            shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    except OSError as err:
-        raise DataFileError(
-            f"Could not write the decode cache in {out.parent} ({err.strerror or err}); free "
-            "some space or choose --data.cache_dir."
-        ) from err
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _squeeze(path: Path, images: np.memmap, keep: np.ndarray) -> np.memmap:

@@ -428,6 +428,39 @@ def _one_line(err: BaseException) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split())
 
 
+def check_free_space(need: int, folder: Path, what: str) -> None:
+    """Refuse to write ``need`` bytes into ``folder`` when its disk has less free space.
+
+    Args:
+        need: bytes about to be written.
+        folder: where they go.
+        what: the start of the message, ending in a verb (``"x.npz unpacks to"``).
+    """
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise DataFileError(
+            f"{what} {need / 2**30:.2f} GiB, but {folder} has {free / 2**30:.2f} GiB free; "
+            "free some space or choose --data.cache_dir."
+        )
+
+
+@contextmanager
+def building(out: Path, source: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to build a cache in; on success it is marked complete
+    (recording ``source``, see :func:`cache_source`) and renamed over ``out``, so a reader never
+    sees a half-built cache. On any error the temporary folder is removed."""
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        yield tmp
+        (tmp / _COMPLETE).write_text(str(Path(source).resolve()))
+        if out.exists():  # a folder without its marker (left by a crash): replace it
+            shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _unpack(npz: Path, out_dir: Path) -> None:
     try:
         zf = zipfile.ZipFile(npz)
@@ -442,45 +475,34 @@ def _unpack(npz: Path, out_dir: Path) -> None:
                 f"(found {sorted(members)})."
             )
         total = sum(zf.getinfo(members[key]).file_size for key in KEYS)
-        free = shutil.disk_usage(out_dir.parent).free
-        if total > free:
-            raise DataFileError(
-                f"{npz} unpacks to {total / 2**30:.2f} GiB, but {out_dir.parent} has "
-                f"{free / 2**30:.2f} GiB free; free some space or choose --data.cache_dir."
-            )
-        tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-        try:
-            with tqdm(
+        check_free_space(total, out_dir.parent, f"{npz} unpacks to")
+        with (
+            building(out_dir, npz) as tmp,
+            tqdm(
                 total=total,
                 unit="B",
                 unit_scale=True,
                 desc=f"unpack {npz.name}",
                 disable=total < (256 << 20),
-            ) as bar:
-                for key in KEYS:
-                    try:
-                        with zf.open(members[key]) as src, open(tmp / f"{key}.npy", "wb") as dst:
-                            while chunk := src.read(_CHUNK * 8):
-                                dst.write(chunk)
-                                bar.update(len(chunk))
-                    except _ZIP_ERRORS as err:
-                        raise DataFileError(
-                            f"{npz}: member '{members[key]}' is corrupt ({_one_line(err)}); "
-                            "the file is damaged: download it again or rewrite it."
-                        ) from err
-                    except OSError as err:
-                        raise DataFileError(
-                            f"Could not unpack {npz} member '{members[key]}' into "
-                            f"{out_dir.parent} ({_one_line(err)}); free some space or choose "
-                            "--data.cache_dir."
-                        ) from err
-            (tmp / _COMPLETE).write_text(str(npz.resolve()))
-            if out_dir.exists():  # a stale partial copy from a crashed run: replace it
-                shutil.rmtree(out_dir, ignore_errors=True)
-            os.replace(tmp, out_dir)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            ) as bar,
+        ):
+            for key in KEYS:
+                try:
+                    with zf.open(members[key]) as src, open(tmp / f"{key}.npy", "wb") as dst:
+                        while chunk := src.read(_CHUNK * 8):
+                            dst.write(chunk)
+                            bar.update(len(chunk))
+                except _ZIP_ERRORS as err:
+                    raise DataFileError(
+                        f"{npz}: member '{members[key]}' is corrupt ({_one_line(err)}); "
+                        "the file is damaged: download it again or rewrite it."
+                    ) from err
+                except OSError as err:
+                    raise DataFileError(
+                        f"Could not unpack {npz} member '{members[key]}' into "
+                        f"{out_dir.parent} ({_one_line(err)}); free some space or choose "
+                        "--data.cache_dir."
+                    ) from err
 
 
 def open_arrays(folder: Path, npz: Path) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -218,6 +218,24 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
+def _csv_text(header: list[str], rows: Iterable[Sequence[Any]]) -> str:
+    """CSV text (``\n`` line ends) of a header and rows."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _csv_rows(path: Path, need: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of a CSV written here; a ValueError naming the file when a column is missing."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not set(need) <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path} needs the columns {sorted(need)}, has {reader.fieldnames}.")
+        return list(reader)
+
+
 # ------------------------------------------------------------------------------ folds.csv
 def folds_csv_text(
     split: np.ndarray,
@@ -235,18 +253,16 @@ def folds_csv_text(
         folds: (R, N) validation fold of each sample, per repeat.
         groups: (N,) group ids (patients), when the folds are grouped.
     """
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
     flat = labels.reshape(len(labels), -1)  # (N, 1) or (N, L)
     label_cols = ["label"] if labels.ndim == 1 else [f"label_{i}" for i in range(flat.shape[1])]
     header = ["split", "index", "repeat", "fold", *label_cols]
-    writer.writerow([*header, *(["group"] if groups is not None else [])])
-    rows = flat.tolist()
-    for r, fold_of in enumerate(folds.tolist()):
-        for i, (s, idx) in enumerate(zip(split.tolist(), index.tolist(), strict=True)):
-            extra = [groups[i]] if groups is not None else []
-            writer.writerow([s, idx, r, fold_of[i], *rows[i], *extra])
-    return buf.getvalue()
+    label_rows = flat.tolist()
+    rows = (
+        [s, idx, r, fold_of[i], *label_rows[i], *([groups[i]] if groups is not None else [])]
+        for r, fold_of in enumerate(folds.tolist())
+        for i, (s, idx) in enumerate(zip(split.tolist(), index.tolist(), strict=True))
+    )
+    return _csv_text([*header, *(["group"] if groups is not None else [])], rows)
 
 
 def write_folds(path: Path, text: str) -> None:
@@ -259,12 +275,11 @@ def read_folds(path: str | os.PathLike, repeat: int = 0) -> dict[str, np.ndarray
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"folds file {path} does not exist.")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        need = {"split", "index", "repeat", "fold"}
-        if not need <= set(reader.fieldnames or ()):
-            raise ValueError(f"{path} needs the columns {sorted(need)}, has {reader.fieldnames}.")
-        rows = [r for r in reader if int(r["repeat"]) == repeat]
+    rows = [
+        r
+        for r in _csv_rows(path, ("split", "index", "repeat", "fold"))
+        if int(r["repeat"]) == repeat
+    ]
     if not rows:
         raise ValueError(f"{path} has no rows for repeat {repeat}.")
     return {
@@ -363,22 +378,18 @@ def write_splits(
     path: Path, paths: list[str], splits: np.ndarray, patient_ids: np.ndarray | None = None
 ) -> None:
     """``splits.csv``: ``path,split[,patient_id]``, one row per sample (paths as the source has them)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "split", *(["patient_id"] if patient_ids is not None else [])])
-    for i, (name, split) in enumerate(zip(paths, np.asarray(splits).tolist(), strict=True)):
-        writer.writerow([name, split, *([patient_ids[i]] if patient_ids is not None else [])])
-    atomic_write_text(path, buf.getvalue())
+    header = ["path", "split", *(["patient_id"] if patient_ids is not None else [])]
+    rows = (
+        [name, split, *([patient_ids[i]] if patient_ids is not None else [])]
+        for i, (name, split) in enumerate(zip(paths, np.asarray(splits).tolist(), strict=True))
+    )
+    atomic_write_text(path, _csv_text(header, rows))
 
 
 def read_splits(path: str | os.PathLike) -> dict[str, str]:
     """``{path: split}`` from a ``splits.csv`` (:func:`write_splits`)."""
     path = Path(path)
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not {"path", "split"} <= set(reader.fieldnames or ()):
-            raise ValueError(f"{path} needs the columns path and split, has {reader.fieldnames}.")
-        rows = {r["path"]: r["split"] for r in reader}
+    rows = {r["path"]: r["split"] for r in _csv_rows(path, ("path", "split"))}
     bad = sorted({s for s in rows.values() if s not in ("train", "val", "test")})
     if bad:
         raise ValueError(f"{path}: unknown split names {bad}; expected train, val or test.")
@@ -387,14 +398,9 @@ def read_splits(path: str | os.PathLike) -> dict[str, str]:
 
 def write_skipped_files(path: Path, rows: list[tuple[str, str]]) -> None:
     """``skipped_files.csv``: ``path,reason``, one row per file left out of training."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "reason"])
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, _csv_text(["path", "reason"], rows))
 
 
 def read_skipped_files(path: str | os.PathLike) -> list[tuple[str, str]]:
     """``[(path, reason)]`` from a ``skipped_files.csv`` (:func:`write_skipped_files`)."""
-    with open(path, newline="") as fh:
-        return [(r["path"], r["reason"]) for r in csv.DictReader(fh)]
+    return [(r["path"], r["reason"]) for r in _csv_rows(Path(path), ("path", "reason"))]
