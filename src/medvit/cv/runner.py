@@ -38,6 +38,7 @@ from medvit.cv.plan import (
     plan_folds,
 )
 from medvit.cv.summary import format_table, log_wandb_summary, summarize, wandb_sync_command
+from medvit.data.selection import data_init_args
 
 # Settings that say where files live or how progress is shown, not what is trained: they may
 # change between an interrupted CV run and its resumption without invalidating finished folds.
@@ -138,14 +139,9 @@ def config_fingerprint(config: dict[str, Any]) -> tuple[dict[str, Any], str]:
 def experiment_of(config: dict[str, Any]) -> str:
     """Experiment name of a resolved fit config, as ``medvit fit`` names it: the MedMNIST flag,
     or the data's name (a folder's name, a CSV file's stem) for ``--data ImageDataModule``."""
-    run, data = config.get("run") or {}, config["data"]
-    if "class_path" in data:
-        data = data.get("init_args") or {}
-    name = data.get("flag")
-    if not name and data.get("path"):
-        path = Path(str(data["path"]).rstrip("/\\"))
-        name = path.name if path.is_dir() else path.stem
-    return runs.experiment_name(run.get("name"), name or "data", data.get("size"))
+    run, data = config.get("run") or {}, data_init_args(config["data"])
+    name = data.get("flag") or (runs.source_name(data["path"]) if data.get("path") else "data")
+    return runs.experiment_name(run.get("name"), name, data.get("size"))
 
 
 def _check_fit_config(config: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from medvit.data.checks import check_split_sizes
 from medvit.data.decode import MANIFEST, decode_to_cache
 from medvit.data.files import SPLITS
 from medvit.data.presets import PRESETS, Preset
+from medvit.data.problems import show_path
 from medvit.data.readers import parse_window, read_pixels
 from medvit.data.sources import (
     DataSourceError,
@@ -175,8 +176,7 @@ class ImageDataModule(ArrayDataModule):
     @property
     def dataset_name(self) -> str:  # type: ignore[override]
         """The source's name: the folder's name, or the CSV file's stem."""
-        source = Path(self.table.source or self.table.root)
-        return source.name if source.is_dir() else source.stem
+        return runs.source_name(self.table.source or self.table.root)
 
     @property
     def task(self) -> str:
@@ -269,8 +269,8 @@ class ImageDataModule(ArrayDataModule):
                 )
                 raise err
             self.skipped = [
-                (_show(p, table.root), prob.kind) for prob in problems for p in prob.paths
-            ] + [(_show(p, table.root), why) for p, why, _ in decoded.failed]
+                (show_path(p, table.root), prob.kind) for prob in problems for p in prob.paths
+            ] + [(show_path(p, table.root), why) for p, why, _ in decoded.failed]
             if writer:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 runs.write_skipped_files(self.run_dir / runs.SKIPPED_FILE, self.skipped)
@@ -314,7 +314,7 @@ class ImageDataModule(ArrayDataModule):
             raise RuntimeError(f"call prepare_data() or setup() before split_samples('{split}')")
         paths = json.loads((self._folder / MANIFEST).read_text())["paths"][split]
         table = self.table
-        names = [_show(Path(p), table.root) for p in paths]
+        names = [show_path(Path(p), table.root) for p in paths]
         if table.patient_ids is None:
             return names, None
         patient_of = {
@@ -370,14 +370,7 @@ def _decode_problems(failed: list[tuple[Path, str, str]], root: Path) -> list[Pr
     for title in _FAILURE_KINDS.values():
         rows = [(p, why) for p, why, k in failed if _FAILURE_KINDS.get(k, _UNREADABLE) == title]
         if rows:
-            items = tuple(f"{_show(p, root)} ({why})" for p, why in rows)
+            items = tuple(f"{show_path(p, root)} ({why})" for p, why in rows)
             paths = tuple(p for p, _ in rows)
             problems.append(Problem(title, items, "found while decoding", paths, skippable=True))
     return problems
-
-
-def _show(path: Path, root: Path) -> str:
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return str(path)

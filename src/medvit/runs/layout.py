@@ -36,6 +36,7 @@ __all__ = [
     "CV_LOGS_DIR",
     "experiment_name",
     "data_name",
+    "source_name",
     "new_run_dir",
     "last_checkpoint",
     "run_dir_of_checkpoint",
@@ -108,6 +109,12 @@ def data_name(data_args: Mapping[str, Any]) -> str | None:
     if data_args.get("path"):
         return Path(str(data_args["path"]).rstrip("/")).name
     return None
+
+
+def source_name(path: str | os.PathLike) -> str:
+    """The name of own data in run-folder names: a folder's name, or a CSV file's stem."""
+    path = Path(str(path).rstrip("/\\"))
+    return path.name if path.is_dir() else path.stem
 
 
 def new_run_dir(root: str | os.PathLike, name: str, suffix: str = "") -> Path:
