@@ -24,6 +24,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from tqdm.auto import tqdm
 
+from medvit.cli import exit_with_user_error, show_tracebacks
 from medvit.fileio import atomic_write_text
 from medvit.report.compare import comparison_section
 from medvit.report.cv import cv_section
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = write_report(args.dirs, args.output, progress=False if args.no_progress else None)
     except ValueError as err:  # a missing or malformed file: a user problem, not a bug
-        print(f"medvit: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if show_tracebacks():
+            raise
+        exit_with_user_error(err)
     size = out.stat().st_size / 1024
     print(f"Wrote {out} ({size:.0f} KiB)", file=sys.stderr)
