@@ -63,3 +63,28 @@ def test_cv_summary_reader_fills_every_key_of_the_schema(tmp_path):
     assert summary["runs"] == [{"run": "r0-f0"}] and summary["ensemble"] is None
     assert summary["val"] == {} and summary["test"] == {}
     assert summary["runs_completed"] == 1 and summary["runs_expected"] == 1
+
+
+def test_gallery_round_trip_drops_missing_pictures_and_refuses_bad_entries(tmp_path):
+    from medvit import runs
+
+    image = runs.gallery_image_path(tmp_path, "misclassified", "test_00003.png")
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"png")
+    entry = {
+        "image": str(image.relative_to(tmp_path)),
+        "index": 3,
+        "true": "malignant",
+        "predicted": "benign",
+        "probability": 0.91,
+    }
+    runs.write_gallery(tmp_path, "misclassified", [entry])
+    assert runs.read_gallery(tmp_path) == {"misclassified": [entry]}
+    image.unlink()
+    assert runs.read_gallery(tmp_path) == {"misclassified": []}
+    with pytest.raises(ValueError, match="lacks \\['probability'\\]"):
+        runs.write_gallery(
+            tmp_path, "explained", [{k: v for k, v in entry.items() if k != "probability"}]
+        )
+    with pytest.raises(ValueError, match="Unknown gallery section"):
+        runs.gallery_image_path(tmp_path, "best", "a.png")

@@ -11,6 +11,8 @@ A run folder (``medvit fit``, ``runs/<experiment>/<timestamp>``)::
     metrics.json            best-epoch val metrics, test metrics, checkpoints  (write_metrics)
     meta.json               command, git SHA, host, device, timings             (write_meta)
     test_predictions.npz    index, probs and target of every test sample (write_predictions)
+    gallery/{section}.json  pictures of test cases for the report (write_gallery); pictures
+                            in gallery/{section}/
     checkpoints/            best.ckpt, last.ckpt
     wandb/                  the offline wandb run, when wandb is on
 

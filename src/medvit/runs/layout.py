@@ -67,6 +67,11 @@ __all__ = [
     "read_splits",
     "write_skipped_files",
     "read_skipped_files",
+    "GALLERY_DIR",
+    "GALLERY_SECTIONS",
+    "gallery_image_path",
+    "write_gallery",
+    "read_gallery",
 ]
 
 # ------------------------------------------------------------------------------ file names
@@ -411,3 +416,62 @@ def write_skipped_files(path: Path, rows: list[tuple[str, str]]) -> None:
 def read_skipped_files(path: str | os.PathLike) -> list[tuple[str, str]]:
     """``[(path, reason)]`` from a ``skipped_files.csv`` (:func:`write_skipped_files`)."""
     return [(r["path"], r["reason"]) for r in _csv_rows(Path(path), ("path", "reason"))]
+
+
+# ------------------------------------------------------------------------------ gallery
+#: Pictures of test cases written at test time (the report and wandb show them; no torch needed).
+GALLERY_DIR = "gallery"
+#: ``misclassified``: the most confident wrong test cases (3D: mid axial, coronal, sagittal
+#: slices); ``explained``: per class, the most confident correct and wrong cases with overlays.
+GALLERY_SECTIONS = ("misclassified", "explained")
+_GALLERY_KEYS = ("image", "index", "true", "predicted", "probability")
+
+
+def _check_section(section: str) -> None:
+    if section not in GALLERY_SECTIONS:
+        raise ValueError(
+            f"Unknown gallery section {section!r}; expected one of {GALLERY_SECTIONS}."
+        )
+
+
+def gallery_image_path(run_dir: Path, section: str, name: str) -> Path:
+    """Where a gallery picture ``name`` (a file name, e.g. ``test_00017.png``) of ``section`` goes."""
+    _check_section(section)
+    if Path(name).name != name:
+        raise ValueError(f"A gallery image name is a plain file name, got {name!r}.")
+    return Path(run_dir) / GALLERY_DIR / section / name
+
+
+def write_gallery(run_dir: Path, section: str, entries: Sequence[Mapping[str, Any]]) -> None:
+    """``gallery/{section}.json``: one entry per picture, written after the pictures.
+
+    Each entry has ``image`` (a path relative to ``run_dir``, from :func:`gallery_image_path`),
+    ``index`` (the test sample's index), ``true`` and ``predicted`` (class names),
+    ``probability`` (of the predicted class) and optionally ``caption``, ``method``, ``kind``.
+    """
+    _check_section(section)
+    run_dir = Path(run_dir)
+    for i, entry in enumerate(entries):
+        missing = [k for k in _GALLERY_KEYS if k not in entry]
+        if missing:
+            raise ValueError(f"Gallery entry {i} of {section!r} lacks {missing}.")
+        if not (run_dir / entry["image"]).is_file():
+            raise ValueError(f"Gallery entry {i} of {section!r}: {entry['image']} is not a file.")
+    write_json(
+        run_dir / GALLERY_DIR / f"{section}.json", {"section": section, "entries": list(entries)}
+    )
+
+
+def read_gallery(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """``{section: entries}`` for each section written (:func:`write_gallery`); missing ones left out.
+
+    Entries whose picture is gone are dropped, so a reader never shows a broken image.
+    """
+    run_dir = Path(run_dir)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for section in GALLERY_SECTIONS:
+        path = run_dir / GALLERY_DIR / f"{section}.json"
+        if path.is_file():
+            entries = read_json(path).get("entries", [])
+            out[section] = [e for e in entries if (run_dir / e["image"]).is_file()]
+    return out
