@@ -39,9 +39,11 @@ _DICOM_MAGIC_OFFSET = 128
 _DICOM_MAGIC = b"DICM"
 
 #: Why a file could not be read (``ImageReadError.kind``), for grouping problems in reports.
+#: ``dimensions``, ``series`` and ``resample`` come from volumes (:mod:`medvit.data.volumes`).
 ReadErrorKind = Literal[
-    "missing", "empty", "unreadable", "no_pixel_data", "multi_frame", "unsupported"
-]
+    "missing", "empty", "unreadable", "no_pixel_data", "multi_frame", "unsupported",
+    "dimensions", "series", "resample",
+]  # fmt: skip
 
 
 class ImageReadError(ValueError):
@@ -230,8 +232,8 @@ def _read_nifti(path: Path, window: tuple[float, float] | None) -> np.ndarray:
     if values.ndim < 2 or any(n != 1 for n in values.shape[2:]):
         raise ImageReadError(
             path,
-            f"NIfTI image of shape {tuple(values.shape)} is not 2D (only one slice is supported)",
-            "unsupported",
+            f"NIfTI image of shape {tuple(values.shape)} is not 2D (a volume needs a 3D model)",
+            "dimensions",
         )
     values = values.reshape(values.shape[:2]).T  # (x, y) -> rows y, columns x
     if window is not None:
