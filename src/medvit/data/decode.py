@@ -2,7 +2,8 @@
 
 :class:`~medvit.data.images.ImageDataModule` trains from the same format as the MedMNIST path:
 a folder with ``{split}_images.npy`` (uint8, (N, size, size) grey or (N, size, size, 3) RGB) and
-``{split}_labels.npy`` per split, opened with ``np.load(mmap_mode="r")`` so DataLoader workers
+``{split}_labels.npy`` per split (volumes: (N, size, size, size) grey, decoded by
+:func:`medvit.data.volumes.load_volume`), opened with ``np.load(mmap_mode="r")`` so DataLoader workers
 share the page cache. Each file is decoded (:func:`medvit.data.readers.load_image`) once, in
 several processes, with a progress bar.
 
@@ -51,6 +52,8 @@ IMAGES_DIR = "images"
 MANIFEST = DECODE_MANIFEST
 #: Below this many files decoding stays in the calling process (a pool costs more).
 _MIN_FILES_FOR_POOL = 64
+#: Volumes take far longer each: a pool pays off sooner.
+_MIN_VOLUMES_FOR_POOL = 8
 #: Rows copied at a time when failed rows are squeezed out of a split array.
 _COPY_ROWS = 4096
 
@@ -77,10 +80,14 @@ def cache_key(
     size: int,
     channels: int,
     window: tuple[float, float] | None,
+    spacing: tuple[float, ...] | None = None,
+    spatial_dims: int = 2,
 ) -> str:
     """SHA-256 over the files (path, size, mtime), labels, splits and decoding options."""
     digest = hashlib.sha256()
     options = {"version": CACHE_VERSION, "size": size, "channels": channels, "window": window}
+    if spatial_dims == 3:  # added only for volumes, so the keys of 2D caches stay as they were
+        options.update(spatial_dims=3, spacing=spacing)
     digest.update(json.dumps(options, sort_keys=True).encode())
     for path, split in zip(paths, np.asarray(splits).tolist(), strict=True):
         try:
@@ -95,20 +102,29 @@ def cache_key(
     return digest.hexdigest()
 
 
-# Options of the decoding processes (set once per process by the pool's initializer).
-_OPTIONS: tuple[int, int, tuple[float, float] | None] = (0, 1, None)
+# Options of the decoding processes (set once per process by the pool's initializer):
+# size, channels, window, and for volumes the target spacing (else None) and spatial dims.
+_OPTIONS: tuple = (0, 1, None, None, 2)
 
 
-def _init_worker(size: int, channels: int, window: tuple[float, float] | None) -> None:
+def _init_worker(*options) -> None:
     global _OPTIONS
-    _OPTIONS = (size, channels, window)
+    _OPTIONS = options
+    if options[4] == 3 and multiprocessing.parent_process() is not None:
+        import torch
+
+        torch.set_num_threads(1)  # one volume per process; the processes fill the cores
 
 
 def _decode(job: tuple[int, str]) -> tuple[int, np.ndarray | None, str, str]:
     """``(row, pixels, "", "")`` or ``(row, None, reason, kind)``; never raises for a bad file."""
     row, path = job
-    size, channels, window = _OPTIONS
+    size, channels, window, spacing, spatial_dims = _OPTIONS
     try:
+        if spatial_dims == 3:
+            from medvit.data.volumes import load_volume
+
+            return row, load_volume(path, size, spacing, window), "", ""
         return row, load_image(path, size, channels, window), "", ""
     except ImageReadError as err:
         return row, None, err.reason, err.kind
@@ -116,21 +132,25 @@ def _decode(job: tuple[int, str]) -> tuple[int, np.ndarray | None, str, str]:
         return row, None, " ".join(f"{type(err).__name__}: {err}".split()), "unreadable"
 
 
-def _decoded(paths: list[Path], size: int, channels: int, window, workers: int, desc: str):
+def _decoded(paths: list[Path], options: tuple, workers: int, desc: str):
     """Yield ``_decode`` results for every path (any order), in ``workers`` processes."""
     jobs = [(i, str(p)) for i, p in enumerate(paths)]
+    volumes = options[4] == 3
+    least = _MIN_VOLUMES_FOR_POOL if volumes else _MIN_FILES_FOR_POOL
     bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=len(jobs) < 256 or None)
     with bar:
-        if workers <= 1 or len(jobs) < _MIN_FILES_FOR_POOL:
-            _init_worker(size, channels, window)
+        if workers <= 1 or len(jobs) < least:
+            _init_worker(*options)
             for job in jobs:
                 yield _decode(job)
                 bar.update()
             return
-        # fork: the workers only use numpy, Pillow, pydicom and nibabel (no CUDA, no torch).
-        ctx = multiprocessing.get_context("fork")
-        chunk = max(1, min(64, len(jobs) // (workers * 8)))
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(size, channels, window)) as pool:
+        # fork: 2D workers only use numpy, Pillow, pydicom and nibabel (no CUDA, no torch).
+        # Volumes resample with MONAI (torch), which is not safe in a child forked from a process
+        # that ran torch's thread pools: spawn fresh ones, one torch thread each.
+        ctx = multiprocessing.get_context("spawn" if volumes else "fork")
+        chunk = 1 if volumes else max(1, min(64, len(jobs) // (workers * 8)))
+        with ctx.Pool(workers, initializer=_init_worker, initargs=options) as pool:
             for result in pool.imap_unordered(_decode, jobs, chunksize=chunk):
                 yield result
                 bar.update()
@@ -148,6 +168,8 @@ def decode_to_cache(
     channels: int,
     window: tuple[float, float] | None = None,
     workers: int = 1,
+    spacing: tuple[float, ...] | None = None,
+    spatial_dims: int = 2,
 ) -> DecodedArrays:
     """The decode cache of these files, labels and splits: reused when complete, else built.
 
@@ -158,8 +180,12 @@ def decode_to_cache(
         name: the source's short name (the folder's name prefix).
         source: the folder or CSV file read (recorded; older caches of it are deleted).
         cache_root: the cache root; the folder goes under ``cache_root/images``.
-        size: decode size (square); channels: 1 (grey) or 3 (RGB); window: DICOM window.
+        size: decode size (square; for volumes the cube's side); channels: 1 (grey) or 3
+            (RGB); window: DICOM window.
         workers: decoding processes.
+        spacing: volumes: the target voxel spacing in mm (D, H, W), or None (resize only).
+        spatial_dims: 2 (images, :func:`~medvit.data.readers.load_image`) or 3 (volumes,
+            :func:`~medvit.data.volumes.load_volume`: (N, size, size, size) grey arrays).
 
     Raises:
         DataFileError: the cache folder cannot be written or the disk is too small.
@@ -167,7 +193,10 @@ def decode_to_cache(
     labels = np.asarray(labels, dtype=np.int64)
     labels = labels.reshape(len(paths), -1)  # (N, 1) or (N, L), as MedMNIST's
     splits = np.asarray(splits).astype(str)
-    key = cache_key(paths, labels, splits, size, channels, window)
+    if spatial_dims == 3 and channels != 1:
+        raise ValueError(f"volumes are decoded grey (channels=1), got channels={channels}")
+    key = cache_key(paths, labels, splits, size, channels, window, spacing, spatial_dims)
+    options = (size, channels, window, spacing, spatial_dims)
     root = Path(cache_root) / IMAGES_DIR
     out = root / f"{name}-{key[:16]}"
     if (out / _COMPLETE).is_file() and _hold(out):
@@ -184,7 +213,7 @@ def decode_to_cache(
         # Another process may have built it while this one waited for the lock.
         if (out / _COMPLETE).is_file() and _hold(out):
             return DecodedArrays(out, _read_failed(out), built=False)
-        _build(out, paths, labels, splits, source, size, channels, window, workers)
+        _build(out, paths, labels, splits, source, options, workers)
         prune_caches(root, source=Path(source), keep=out)
         _hold(out)
     finally:
@@ -198,12 +227,18 @@ def _read_failed(folder: Path) -> list[tuple[Path, str, str]]:
     return [(Path(f["path"]), f["reason"], f["kind"]) for f in manifest["failed"]]
 
 
-def _build(out, paths, labels, splits, source, size, channels, window, workers) -> None:
-    shape = (size, size) if channels == 1 else (size, size, channels)
-    need = len(paths) * int(np.prod(shape)) + labels.nbytes
-    check_free_space(need, out.parent, f"Decoding {len(paths)} images at {size} px needs")
+def _shape(options: tuple) -> tuple[int, ...]:
+    size, channels, _, _, spatial_dims = options
+    if spatial_dims == 3:
+        return (size, size, size)
+    return (size, size) if channels == 1 else (size, size, channels)
+
+
+def _build(out, paths, labels, splits, source, options, workers) -> None:
+    need = len(paths) * int(np.prod(_shape(options))) + labels.nbytes
+    check_free_space(need, out.parent, f"Decoding {len(paths)} images at {options[0]} px needs")
     try:
-        _write_arrays(out, paths, labels, splits, source, size, channels, window, workers)
+        _write_arrays(out, paths, labels, splits, source, options, workers)
     except OSError as err:
         raise DataFileError(
             f"Could not write the decode cache in {out.parent} ({err.strerror or err}); free "
@@ -211,8 +246,9 @@ def _build(out, paths, labels, splits, source, size, channels, window, workers) 
         ) from err
 
 
-def _write_arrays(out, paths, labels, splits, source, size, channels, window, workers) -> None:
-    shape = (size, size) if channels == 1 else (size, size, channels)
+def _write_arrays(out, paths, labels, splits, source, options, workers) -> None:
+    shape = _shape(options)
+    size, channels, window, spacing, spatial_dims = options
     with building(out, source) as tmp:
         rows = {s: np.flatnonzero(splits == s) for s in SPLITS}
         position = np.zeros(len(paths), dtype=np.int64)  # row within its split
@@ -227,7 +263,7 @@ def _write_arrays(out, paths, labels, splits, source, size, channels, window, wo
         ok = np.ones(len(paths), dtype=bool)
         failed = []
         for i, pixels, reason, kind in _decoded(
-            paths, size, channels, window, workers, f"decode {Path(source).name}"
+            paths, options, workers, f"decode {Path(source).name}"
         ):
             if pixels is None:
                 ok[i] = False
@@ -250,6 +286,8 @@ def _write_arrays(out, paths, labels, splits, source, size, channels, window, wo
             "size": size,
             "channels": channels,
             "window": window,
+            "spacing": spacing,
+            "spatial_dims": spatial_dims,
             "version": CACHE_VERSION,
             "counts": counts,
             "paths": {s: [str(paths[i]) for i in rows[s] if ok[i]] for s in SPLITS},

@@ -1,4 +1,4 @@
-"""``ImageDataModule``: train on your own images, a folder of class folders or a CSV/TSV of paths.
+"""``ImageDataModule``: train on your own images or volumes: a folder of class folders or a CSV/TSV.
 
 ``medvit fit -c configs/experiment/breastmnist.yaml --data ImageDataModule --data.path DATA``.
 The table of samples comes from :mod:`medvit.data.sources`, each file is decoded by
@@ -38,6 +38,7 @@ from medvit.data.sources import (
     with_splits,
 )
 from medvit.data.transforms import Channels
+from medvit.data.volumes import parse_spacing
 
 __all__ = ["BAD_FILE_POLICIES", "ImageDataModule", "OnBadFile", "Task", "parse_window"]
 
@@ -50,7 +51,7 @@ _CHANNEL_PROBES = 16
 
 
 class ImageDataModule(ArrayDataModule):
-    """Your own 2D images: a folder of class folders, or a CSV/TSV listing paths and labels.
+    """Your own images or volumes: a folder of class folders, or a CSV/TSV of paths and labels.
 
     Task, classes, channels and size come from the data (and are linked to the model as for
     MedMNIST). Each image is decoded once, at ``size``, into memory-mapped uint8 arrays under
@@ -73,6 +74,12 @@ class ImageDataModule(ArrayDataModule):
             right augmentation depends on the anatomy (no flips for chest X-rays).
         window: DICOM/NIfTI window ``"center,width"`` in the file's units (e.g. ``40,400``
             for soft-tissue CT) instead of the file's own VOI LUT or window.
+        spatial_dims: 2 (images) or 3 (volumes: 3D NIfTI files and DICOM series folders,
+            decoded by :mod:`medvit.data.volumes` into ``size``-cubes); ``None`` finds it from
+            the items (a folder item or a NIfTI file with several slices is a volume). Give 3
+            for a folder of class folders whose DICOM files form one series per folder.
+        spacing: volumes: resample to this voxel spacing in mm first (one value isotropic, or
+            D,H,W), then resize to the cube; ``None`` only resizes.
         on_bad_file: ``error``: stop before training, listing every missing, empty or
             undecodable file; ``skip``: train without them and list them in the run folder
             (``skipped_files.csv``). Other problems (labels, duplicates, columns) always stop.
@@ -113,6 +120,8 @@ class ImageDataModule(ArrayDataModule):
         class_names: list[str] | None = None,
         modality: Preset = "none",
         window: tuple[float, float] | str | None = None,
+        spatial_dims: Literal[2, 3] | None = None,
+        spacing: float | list[float] | None = None,
         on_bad_file: OnBadFile = "error",
         path_column: str = "path",
         label_column: str = "label",
@@ -152,6 +161,7 @@ class ImageDataModule(ArrayDataModule):
         if decode_workers is not None and decode_workers < 0:
             raise ValueError(f"decode_workers must be >= 0, got {decode_workers}.")
         self.window = parse_window(window)
+        self.spacing = parse_spacing(spacing)
         self.save_hyperparameters(logger=False)
         csv_options = {
             "path_column": path_column,
@@ -161,7 +171,11 @@ class ImageDataModule(ArrayDataModule):
             "split_column": split_column,
         }
         #: The samples as the source lists them (before bad files are dropped).
-        self.table: Table = load_table(path, task=task, class_names=class_names, **csv_options)
+        self.table: Table = load_table(
+            path, spatial_dims, task=task, class_names=class_names, **csv_options
+        )
+        if self.table.spatial_dims == 3 and in_chans == 3:
+            raise ValueError("volumes are grey: in_chans must be 1 or None for 3D data.")
         #: The run folder (set by ``medvit fit``): where ``splits.csv`` and
         #: ``skipped_files.csv`` are written, and a made split is read back from.
         self.run_dir: Path | None = None
@@ -183,6 +197,11 @@ class ImageDataModule(ArrayDataModule):
         return self.table.task
 
     @property
+    def spatial_dims(self) -> int:
+        """3 for volumes (arrays (N, D, H, W), cubes of ``size``), 2 for images."""
+        return self.table.spatial_dims
+
+    @property
     def class_names(self) -> list[str]:
         return list(self.table.class_names)
 
@@ -194,7 +213,7 @@ class ImageDataModule(ArrayDataModule):
     def _probe_channels(self) -> int:
         """3 when any of a few evenly spaced files is in colour (channels differ), else 1."""
         paths = self.table.paths
-        if not paths:
+        if not paths or self.spatial_dims == 3:  # volumes are grey
             return 1
         picks = np.unique(np.linspace(0, len(paths) - 1, min(_CHANNEL_PROBES, len(paths))))
         for i in picks.astype(int):
@@ -258,6 +277,8 @@ class ImageDataModule(ArrayDataModule):
             channels=self._decode_channels(),
             window=self.window,
             workers=self._decode_workers(),
+            spacing=self.spacing,
+            spatial_dims=self.spatial_dims,
         )
         if decoded.failed or missing:
             found = [*problems, *_decode_problems(decoded.failed, table.root)]
@@ -300,7 +321,8 @@ class ImageDataModule(ArrayDataModule):
         )  # fmt: skip
         self._split_sizes = {s: len(arrays[f"{s}_labels"]) for s in SPLITS}
         if decoded.built:
-            rank_zero_info(f"Decoded {len(kept)} images of {source} into {decoded.folder}")
+            what = "volumes" if self.spatial_dims == 3 else "images"
+            rank_zero_info(f"Decoded {len(kept)} {what} of {source} into {decoded.folder}")
         return decoded.folder
 
     def split_samples(self, split: str) -> tuple[list[str], list[str] | None]:
@@ -324,7 +346,9 @@ class ImageDataModule(ArrayDataModule):
 
     def _decode_channels(self) -> int:
         # Grey images stay one channel (the transforms repeat it for in_chans=3, as MedMNIST).
-        return 1 if self.in_chans == 1 or self._native_channels() == 1 else 3
+        return (
+            1 if self.spatial_dims == 3 or self.in_chans == 1 or self._native_channels() == 1 else 3
+        )
 
     def _splits(self, table: Table) -> np.ndarray:
         """Split per row: the source's, the run's ``splits.csv`` (a resume), or a new one."""
@@ -357,6 +381,9 @@ _FAILURE_KINDS = {
     "no_pixel_data": "DICOM files without pixel data",
     "multi_frame": "multi-frame files",
     "unsupported": "unsupported images",
+    "dimensions": "files of the wrong dimensions (2D image vs 3D volume)",
+    "series": "DICOM series folders that cannot be stacked",
+    "resample": "volumes that cannot be resampled",
     "unreadable": "unreadable files",
 }
 

@@ -97,7 +97,7 @@ def row_problem(
 def validate(table: Table) -> list[Problem]:
     """Every problem of ``table``: its unparsable rows, then what a stat of each file finds.
 
-    Kinds: missing files (or not a regular file), empty (0-byte) files, duplicate paths, empty
+    Kinds: missing files (or not a regular file; for volumes a folder is a DICOM series), empty (0-byte) files, duplicate paths, empty
     classes (a class, or finding, with no sample among the rows kept), fewer than 2 classes, no
     samples, patients whose rows have conflicting explicit splits. Files are not decoded; the
     paths of rows left out while parsing are stat'ed too, so one error lists everything.
@@ -111,6 +111,8 @@ def validate(table: Table) -> list[Problem]:
         except OSError:
             missing.append(p)
             continue
+        if stat.S_ISDIR(st.st_mode) and table.spatial_dims == 3:
+            continue  # a DICOM series folder (its decoding checks its files)
         if not stat.S_ISREG(st.st_mode):
             missing.append(p)
         elif st.st_size == 0:

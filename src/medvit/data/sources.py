@@ -28,7 +28,7 @@ import csv
 import inspect
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,14 @@ from medvit.data.problems import (
     show_path,
     validate,
 )
-from medvit.data.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, is_image_file
+from medvit.data.readers import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    is_dicom,
+    is_image_file,
+    is_nifti,
+)
 from medvit.data.splitting import SPLIT_NAMES, make_splits, with_splits
 
 __all__ = [
@@ -66,6 +73,7 @@ __all__ = [
     "read_csv",
     "scan_folder",
     "validate",
+    "with_spatial_dims",
     "with_splits",
 ]
 
@@ -91,6 +99,8 @@ class Table:
         extra: other CSV columns, (N,) str each, kept for the prediction output.
         source: the folder or file read, for messages.
         problems: rows that could not be parsed (left out of the table); see :func:`validate`.
+        spatial_dims: 2 for images, 3 for volumes (NIfTI volumes, DICOM series folders); see
+            :func:`with_spatial_dims`.
     """
 
     root: Path
@@ -103,6 +113,7 @@ class Table:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     source: Path | None = None
     problems: list[Problem] = field(default_factory=list)
+    spatial_dims: int = 2
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -140,7 +151,10 @@ def _task(task: str | None, n_classes: int, source: Path) -> str:
 
 
 def scan_folder(
-    path: Path | str, task: str | None = None, class_names: Sequence[str] | None = None
+    path: Path | str,
+    task: str | None = None,
+    class_names: Sequence[str] | None = None,
+    series: bool = False,
 ) -> Table:
     """Read a folder of class folders, optionally under ``train/``, ``val/`` and ``test/``.
 
@@ -150,6 +164,8 @@ def scan_folder(
             multiclass.
         class_names: the classes in label order; a class folder not in it is reported as an
             unknown label, a name without files as an empty class. Default: the folder names.
+        series: volumes: the DICOM files of each folder are one item, the folder (a DICOM
+            series); NIfTI files stay items of their own.
 
     Raises:
         DataSourceError: no such folder, no class folders, or split folders mixed with others.
@@ -177,8 +193,11 @@ def scan_folder(
                 parts = f.relative_to(class_dir).parts
                 if any(p.startswith(".") for p in parts) or not f.is_file():
                     continue
-                if is_image_file(f):
+                if series and is_dicom(f) and not is_nifti(f):
+                    found.append((split, class_dir.name, f.parent))
+                elif is_image_file(f):
                     found.append((split, class_dir.name, f))
+    found = list(dict.fromkeys(found))  # a series folder once
     if not folder_names:
         where = "train/, val/, test/" if split_dirs else str(root)
         raise DataSourceError(
@@ -401,13 +420,18 @@ def _label_index(
     return names, [lookup.get(v, -1) for v in raw], "empty label"
 
 
-def load_table(path: Path | str, **options) -> Table:
-    """Read a folder (:func:`scan_folder`) or a CSV/TSV file (:func:`read_csv`).
+def load_table(path: Path | str, spatial_dims: int | None = None, **options) -> Table:
+    """Read a folder (:func:`scan_folder`) or a CSV/TSV file (:func:`read_csv`) of images or volumes.
 
     Args:
         path: the folder or file.
+        spatial_dims: 2 (images), 3 (volumes) or None (found from the items, see
+            :func:`with_spatial_dims`). With 3, a folder's DICOM files are grouped into one
+            series per folder.
         **options: passed on; a folder takes only ``task`` and ``class_names``.
     """
+    if spatial_dims not in (None, 2, 3):
+        raise ValueError(f"spatial_dims must be 2, 3 or None, got {spatial_dims!r}.")
     if Path(path).is_dir():
         # Column options left at read_csv's defaults are fine: a caller may always pass them all.
         defaults = {k: v.default for k, v in inspect.signature(read_csv).parameters.items()}
@@ -415,5 +439,37 @@ def load_table(path: Path | str, **options) -> Table:
         changed = sorted(k for k in csv_only if k not in defaults or options[k] != defaults[k])
         if changed:
             raise ValueError(f"{path} is a folder; options {changed} are for a CSV file.")
-        return scan_folder(path, options.get("task"), options.get("class_names"))
-    return read_csv(path, **options)
+        table = scan_folder(
+            path, options.get("task"), options.get("class_names"), series=spatial_dims == 3
+        )
+    else:
+        table = read_csv(path, **options)
+    return with_spatial_dims(table, spatial_dims)
+
+
+def with_spatial_dims(table: Table, spatial_dims: int | None = None) -> Table:
+    """``table`` marked as images (2) or volumes (3); items of the other kind are a problem.
+
+    An item is a volume when it is a folder (a DICOM series) or a NIfTI file with more than one
+    slice (:func:`medvit.data.volumes.item_dims`); other files are images. With
+    ``spatial_dims=None`` the items decide; a source with both is one problem ("2D images and
+    3D volumes mixed") listing the fewer kind, so the error names the odd ones out.
+    """
+    from medvit.data.volumes import item_dims
+
+    dims = [item_dims(p) for p in table.paths]
+    n3, n2 = dims.count(3), dims.count(2)
+    chosen = spatial_dims or (3 if n3 > n2 else 2)
+    odd = [p for p, d in zip(table.paths, dims, strict=True) if d is not None and d != chosen]
+    problems = list(table.problems)
+    if odd:
+        if spatial_dims is None:
+            kind = "2D images and 3D volumes mixed"
+            hint = f"{n2} images, {n3} volumes; a source holds one kind"
+        else:
+            kind = "2D images in a 3D source" if chosen == 3 else "3D volumes in a 2D source"
+            hint = f"spatial_dims={chosen}"
+        if chosen == 2 and any(is_dicom(p) for p in table.paths):
+            hint += "; --data.spatial_dims 3 reads each folder of DICOM files as one series"
+        problems.append(row_problem(kind, odd, table.root, hint))
+    return replace(table, spatial_dims=chosen, problems=problems)

@@ -48,6 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from medvit.data.readers import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
     ImageReadError,
     _linear_window,
     _min_max,
@@ -144,12 +146,11 @@ def item_dims(path: str | Path) -> int | None:
     item cannot be looked at (missing, unreadable header): its decoding reports why.
     """
     path = Path(path)
-    if path.is_dir():
-        return 3
-    if not path.is_file():
-        return None
     if not is_nifti(path):
-        return 2
+        # Known image suffixes need no stat (a 2D source may list 100k files).
+        if path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES:
+            return 2
+        return 3 if path.is_dir() else 2 if path.is_file() else None
     try:
         import nibabel
 
@@ -304,7 +305,8 @@ def resample(
         raise ImageReadError(name, "the volume has NaN or infinite values", "unreadable")
     tensor = torch.from_numpy(np.ascontiguousarray(values, np.float32))[None]
     if target_spacing is not None and tuple(target_spacing) != spacing:
-        shape = [round(n * s / t) for n, s, t in zip(values.shape, spacing, target_spacing)]
+        axes = zip(values.shape, spacing, target_spacing, strict=True)
+        shape = [round(n * s / t) for n, s, t in axes]
         _check_shape(shape, size, name, f" at spacing {tuple(target_spacing)} mm")
         affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
         spaced = Spacing(
