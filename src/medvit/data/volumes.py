@@ -22,8 +22,9 @@ decode cache) and ``medvit predict``, so that prediction sees what training saw.
 
 2. **Resample** (:func:`resample`, MONAI): first, when a target ``spacing`` is given, MONAI's
    ``Spacing`` (trilinear, border padding, the physical extent kept: spacing (2, 1, 1) to
-   (1, 1, 1) doubles the depth); then MONAI's ``Resize`` to the ``size`` cube (trilinear, with
-   anti-aliasing where it shrinks; the aspect ratio is not kept, as for 2D images and MedMNIST).
+   (1, 1, 1) doubles the depth); then MONAI's ``Resize`` to the ``size`` cube (axes that shrink
+   area-averaged, then axes that grow trilinear, as Pillow's BOX/bilinear for 2D images; the
+   aspect ratio is not kept, as for 2D images and MedMNIST).
    Refused: a spacing that is zero, negative or not finite, and a volume too thin to be one:
    after the spacing step every axis must have at least 2 voxels and at least ``size /``
    :data:`MAX_UPSAMPLING` voxels (a 3-slice stack is not stretched into a 64-voxel cube).
@@ -315,8 +316,14 @@ def resample(
         )(MetaTensor(tensor, affine=affine))  # fmt: skip
         tensor = torch.as_tensor(spaced)
     _check_shape(tensor.shape[1:], size, name, "")
-    if tuple(tensor.shape[1:]) != (size, size, size):
-        tensor = Resize((size, size, size), mode="trilinear", anti_aliasing=True)(tensor)
+    # Axes that shrink are area-averaged first (as Pillow's BOX for 2D images; MONAI's
+    # Gaussian anti-aliasing pads with zeros and darkens the borders), then axes that grow are
+    # interpolated trilinearly: a constant volume stays constant.
+    shrunk = tuple(min(int(n), size) for n in tensor.shape[1:])
+    if shrunk != tuple(tensor.shape[1:]):
+        tensor = Resize(shrunk, mode="area")(tensor)
+    if shrunk != (size, size, size):
+        tensor = Resize((size, size, size), mode="trilinear")(tensor)
     return np.asarray(torch.as_tensor(tensor)[0].numpy(), dtype=np.float32)
 
 
