@@ -196,9 +196,8 @@ class ImageDataModule(ArrayDataModule):
     def task(self) -> str:
         return self.table.task
 
-    @property
-    def spatial_dims(self) -> int:
-        """3 for volumes (arrays (N, D, H, W), cubes of ``size``), 2 for images."""
+    def _native_spatial_dims(self) -> int:
+        """3 for volumes (arrays (N, D, H, W), cubes of ``size``), 2 for images: the source's."""
         return self.table.spatial_dims
 
     @property
