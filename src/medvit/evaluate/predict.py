@@ -12,6 +12,10 @@ images; DICOM rescaled, windowed and MONOCHROME1-inverted), converted to the tra
 channels and resized to its decode size (``data.size``); the evaluation transform then brings
 them to the model's image size and channels. A file that cannot be read gets a row whose
 ``error`` column says why, and the other files are still predicted.
+
+A 3D checkpoint takes volumes instead (:mod:`medvit.evaluate.predict_inputs`): 3D NIfTI files,
+DICOM series folders, folders of them and 3D npz splits, decoded by
+:func:`medvit.data.volumes.load_volume` with the training data's cube size, spacing and window.
 """
 
 from __future__ import annotations
@@ -232,6 +236,7 @@ def predict(
         in_chans=hp.in_chans,
         mean=data_hp.get("mean") or [0.5],
         std=data_hp.get("std") or [0.5],
+        spatial_dims=decoding.spatial_dims,
     )
     names = list(hp.class_names or [str(i) for i in range(hp.num_classes)])
     named = {k: data_hp[k] for k in COLUMN_OPTIONS if isinstance(data_hp.get(k), str)}
@@ -242,6 +247,8 @@ def predict(
         check_inputs_fit_checkpoint(ckpt_path, data_hp, hp, inputs, labels)
     side = decoding.size
     blank = np.zeros((side, side) if decoding.in_chans == 1 else (side, side, 3), np.uint8)
+    if decoding.spatial_dims == 3:  # a volume checkpoint: the inputs are volumes
+        blank = np.zeros((side, side, side), np.uint8)
     loader = DataLoader(
         _Inputs(items, transform, blank), batch_size=batch_size, num_workers=num_workers
     )
@@ -309,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="medvit predict",
         description=(
             "Class probabilities as CSV for images (PNG, JPEG, BMP, TIFF), DICOM and 2D NIfTI "
-            "files, folders of them, CSV/TSV listings of paths, or an npz split."
+            "files, folders of them, CSV/TSV listings of paths, or an npz split; for a 3D "
+            "checkpoint volumes: 3D NIfTI files, DICOM series folders, or a 3D npz split."
         ),
     )
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by medvit fit")

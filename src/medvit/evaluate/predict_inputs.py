@@ -2,7 +2,10 @@
 
 Inputs: image, DICOM and NIfTI files (decoded by :func:`medvit.data.readers.load_image`), folders
 of them (recursively), CSV/TSV listings of paths (:func:`medvit.data.sources.read_csv`) and
-``file.npz[:split]``. No torch here.
+``file.npz[:split]``. For a 3D checkpoint the inputs are volumes instead, decoded by
+:func:`medvit.data.volumes.load_volume` with the checkpoint's size, spacing and window: 3D NIfTI
+files, DICOM series folders (a folder holding DICOM files directly is ONE volume), folders of
+those (recursively), listings of them and 3D ``.npz`` splits. No torch here.
 """
 
 from __future__ import annotations
@@ -18,8 +21,23 @@ from typing import Any
 import numpy as np
 from medmnist import INFO
 
-from medvit.data.readers import IMAGE_SUFFIXES, is_image_file, load_image, parse_window, to_uint8
+from medvit.data.readers import (
+    IMAGE_SUFFIXES,
+    is_image_file,
+    is_nifti,
+    load_image,
+    parse_window,
+    to_uint8,
+)
 from medvit.data.sources import DataSourceError, Table, read_csv, scan_folder
+from medvit.data.volumes import (
+    is_series_folder,
+    item_dims,
+    load_volume,
+    parse_spacing,
+    resample,
+    series_files,
+)
 
 #: Inputs read as a listing of image paths (CSV, or TSV by suffix), not as an image.
 LISTING_SUFFIXES = (".csv", ".tsv", ".tab")
@@ -49,17 +67,25 @@ class Item:
 
 @dataclass(frozen=True)
 class Decoding:
-    """How files are decoded: :func:`load_image`'s ``size``, ``in_chans`` and ``window``."""
+    """How files are decoded: :func:`load_image`'s ``size``, ``in_chans`` and ``window``.
+
+    With ``spatial_dims=3``, :func:`~medvit.data.volumes.load_volume`'s cube ``size``,
+    ``spacing`` and ``window`` instead.
+    """
 
     size: int | None
     in_chans: int
     window: tuple[float, float] | None
+    spatial_dims: int = 2
+    spacing: tuple[float, ...] | None = None
 
     def loader(self, path: Path) -> Callable[[], np.ndarray]:
         """A function decoding ``path`` when called (in the DataLoader, so errors stay per row).
 
         A :func:`functools.partial`, so that DataLoader worker processes can receive it.
         """
+        if self.spatial_dims == 3:
+            return partial(load_volume, path, self.size, self.spacing, self.window)
         return partial(load_image, path, self.size, self.in_chans, self.window)
 
 
@@ -67,8 +93,22 @@ def _npz_image(images: np.ndarray, j: int) -> np.ndarray:
     return to_uint8(images[j])
 
 
-def read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """``{split}_images`` (and ``{split}_labels`` if present) of an npz, never unpickling."""
+def _npz_volume(images: np.ndarray, j: int, size: int) -> np.ndarray:
+    """Volume ``j`` of a 3D npz as uint8, resampled to the checkpoint's cube when it differs."""
+    volume = to_uint8(images[j].reshape(images.shape[1:4]))
+    if volume.shape == (size, size, size):
+        return volume
+    cube = resample(volume.astype(np.float32), (1.0, 1.0, 1.0), size)
+    return np.rint(np.clip(cube, 0, 255)).astype(np.uint8)
+
+
+def read_npz_split(
+    path: Path, split: str, spatial_dims: int = 2
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``{split}_images`` (and ``{split}_labels`` if present) of an npz, never unpickling.
+
+    ``spatial_dims`` 3 expects volumes (N, D, H, W) (or (N, D, H, W, 1)); 2 expects images.
+    """
     key = f"{split}_images"
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -86,7 +126,19 @@ def read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | Non
         raise ValueError(f"{path}: cannot read '{key}' ({' '.join(str(err).split())}).") from err
     except (OSError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path} is not a readable .npz archive ({err}).") from err
-    if images.dtype == object or images.ndim not in (3, 4):
+    volumes = images.ndim == 5 and images.shape[4] == 1
+    volumes |= images.ndim == 4 and images.shape[3] not in (1, 3, 4)
+    if spatial_dims == 3 and not volumes:
+        raise ValueError(
+            f"{path}: '{split}_images' of shape {images.shape} are 2D images, but the checkpoint "
+            "is a 3D model; expected volumes (N, D, H, W)."
+        )
+    if spatial_dims == 2 and volumes:
+        raise ValueError(
+            f"{path}: '{split}_images' of shape {images.shape} are 3D volumes, but the "
+            "checkpoint is a 2D model; expected (N, H, W) or (N, H, W, 3) images."
+        )
+    if images.dtype == object or images.ndim not in (3, 4, 5):
         raise ValueError(
             f"{path}: '{split}_images' has shape {images.shape} and dtype {images.dtype}; "
             "expected (N, H, W) or (N, H, W, 3) images."
@@ -107,7 +159,11 @@ def decoding_for(hp: Any, data_hp: dict[str, Any], window: Any) -> Decoding:
     in_chans = INFO[flag]["n_channels"] if flag in INFO else own
     size = data_hp.get("size") or hp.img_size
     window = parse_window(window if window is not None else data_hp.get("window"))
-    return Decoding(int(size), int(in_chans), window)
+    # The model's spatial_dims is linked from the data's; a datamodule's own is None when found
+    # from its items.
+    dims = int(hp.get("spatial_dims") or data_hp.get("spatial_dims") or 2)
+    spacing = parse_spacing(data_hp.get("spacing")) if dims == 3 else None
+    return Decoding(int(size), 1 if dims == 3 else int(in_chans), window, dims, spacing)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -121,7 +177,23 @@ def image_files(folder: Path) -> list[Path]:
     )
 
 
-def folder_labels(folder: Path, files: list[Path], task: str, names: list[str]) -> dict[Path, int]:
+def volume_items(folder: Path) -> list[Path]:
+    """Every volume under ``folder`` (recursively): NIfTI files and DICOM series folders.
+
+    A folder holding DICOM files directly is one series; hidden entries are left out.
+    """
+    found = []
+    for p in folder.rglob("*"):
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if p.is_file() and is_nifti(p) or p.is_dir() and series_files(p):
+            found.append(p)
+    return sorted(found)
+
+
+def folder_labels(
+    folder: Path, files: list[Path], task: str, names: list[str], series: bool = False
+) -> dict[Path, int]:
     """The class of each file when ``folder`` has one subfolder per checkpoint class, else ``{}``.
 
     The ImageFolder convention (optionally under ``train/``, ``val/``, ``test/``), read by
@@ -131,7 +203,7 @@ def folder_labels(folder: Path, files: list[Path], task: str, names: list[str]) 
     if task == "multilabel" or not files:
         return {}
     try:
-        table = scan_folder(folder, class_names=names)
+        table = scan_folder(folder, class_names=names, series=series)
     except (DataSourceError, ValueError):
         return {}
     found = dict(zip(table.paths, table.labels.tolist(), strict=True))
@@ -240,6 +312,7 @@ def collect(
     ``columns`` names a listing's columns (see :func:`listing_items`).
     """
     items: list[Item] = []
+    volumes = decoding.spatial_dims == 3
     for spec in inputs:
         path_str, _, split = (
             spec.partition(":") if spec.endswith((":train", ":val", ":test")) else (spec, "", "")
@@ -249,20 +322,26 @@ def collect(
             split = split or "test"
             if not path.is_file():
                 raise ValueError(f"{path} does not exist.")
-            images, split_labels = read_npz_split(path, split)
+            images, split_labels = read_npz_split(path, split, decoding.spatial_dims)
             for j in range(len(images)):
                 label = None if split_labels is None else split_labels[j].tolist()
-                load = partial(_npz_image, images, j)
+                if volumes:
+                    load = partial(_npz_volume, images, j, decoding.size)
+                else:
+                    load = partial(_npz_image, images, j)
                 items.append(Item(f"{path.name}:{split}", load, label))
+        elif volumes and is_series_folder(path):
+            items.append(Item(str(path), decoding.loader(path)))
         elif path.is_dir():
-            files = image_files(path)
-            labels = folder_labels(path, files, task, names)
+            files = volume_items(path) if volumes else image_files(path)
+            labels = folder_labels(path, files, task, names, series=volumes)
             items += [Item(str(f), decoding.loader(f), labels.get(f)) for f in files]
         elif not path.is_file():
             raise ValueError(f"{path} does not exist.")
         elif path.name.lower().endswith(LISTING_SUFFIXES):
             items += listing_items(path, decoding, task, names, force, columns)
         elif is_image_file(path):
+            _check_dims(path, decoding.spatial_dims)
             items.append(Item(str(path), decoding.loader(path)))
         else:
             raise ValueError(
@@ -271,5 +350,19 @@ def collect(
                 ".npz[:split]."
             )
     if not items:
-        raise ValueError(f"No images found in {inputs}.")
+        what = "volumes (3D NIfTI files or DICOM series folders)" if volumes else "images"
+        raise ValueError(f"No {what} found in {inputs}.")
     return items
+
+
+def _check_dims(path: Path, spatial_dims: int) -> None:
+    """Refuse, in one line, a file given by name whose dimensions are not the checkpoint's."""
+    dims = item_dims(path)
+    if dims is not None and dims != spatial_dims:
+        kind = "a 3D volume" if dims == 3 else "a 2D image"
+        model = (
+            "a 3D model (it takes 3D NIfTI files, DICOM series folders and 3D .npz splits)"
+            if spatial_dims == 3
+            else "a 2D model"
+        )
+        raise ValueError(f"{path} is {kind}, but the checkpoint is {model}.")
