@@ -121,7 +121,7 @@ class ImageDataModule(ArrayDataModule):
         modality: Preset = "none",
         window: tuple[float, float] | str | None = None,
         spatial_dims: Literal[2, 3] | None = None,
-        spacing: float | list[float] | None = None,
+        spacing: float | list[float] | str | None = None,
         on_bad_file: OnBadFile = "error",
         path_column: str = "path",
         label_column: str = "label",
