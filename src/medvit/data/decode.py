@@ -52,8 +52,8 @@ IMAGES_DIR = "images"
 MANIFEST = DECODE_MANIFEST
 #: Below this many files decoding stays in the calling process (a pool costs more).
 _MIN_FILES_FOR_POOL = 64
-#: Volumes take far longer each: a pool pays off sooner.
-_MIN_VOLUMES_FOR_POOL = 8
+#: Volumes take longer each, but a spawned worker first imports torch (seconds).
+_MIN_VOLUMES_FOR_POOL = 32
 #: Rows copied at a time when failed rows are squeezed out of a split array.
 _COPY_ROWS = 4096
 
