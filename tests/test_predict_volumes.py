@@ -100,3 +100,68 @@ def test_nibabel_volume_in_a_listing(tmp_path):
     listing.write_text(f"path,label\n{NIBABEL_DATA / 'anatomical.nii'},yes\n")
     (item,) = collect([str(listing)], VOLUMES, "binary", ["no", "yes"], force=False)
     assert item.label == 1 and item.load().shape == (12, 12, 12)
+
+
+@pytest.mark.slow
+def test_fit_on_volumes_csv_then_predict_volumes(tmp_path, capsys):
+    """``medvit fit -c adrenalmnist3d.yaml --data ImageDataModule --data.path volumes.csv``, then
+    ``medvit predict`` on a NIfTI file, a series folder, a folder with a bad series and a 3D npz."""
+    from conftest import short_trainer_args
+
+    from medvit import runs
+    from medvit.cli import main
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    rows = ["path,label"]
+    for i in range(16):
+        if i % 4 == 0:
+            write_series(root / f"series{i}", 4)
+            rows.append(f"series{i},{'yes' if i % 8 else 'no'}")
+        else:
+            values = rng.random((10, 12, 9)).astype(np.float32) + (i % 2)
+            write_nifti(root / f"vol{i}.nii.gz", values, (1.0, 1.0, 2.0))
+            rows.append(f"vol{i}.nii.gz,{'yes' if i % 2 else 'no'}")
+    (root / "volumes.csv").write_text("\n".join(rows) + "\n")
+    main(
+        ["fit", "-c", "configs/experiment/adrenalmnist3d.yaml", "--data", "ImageDataModule",
+         f"--data.path={root / 'volumes.csv'}", "--data.size=16", "--data.spacing=2",
+         f"--data.cache_dir={tmp_path / 'cache'}", f"--run.root={tmp_path / 'runs'}",
+         "--data.decode_workers=0",
+         *short_trainer_args(1, batch_size=4, verify_md5=True, patch_size=None)]
+    )  # fmt: skip
+    (run_dir,) = (tmp_path / "runs" / "volumes_16").iterdir()
+    assert runs.read_metrics(run_dir)["test"]["auroc"] >= 0
+    (ckpt,) = (run_dir / "checkpoints").glob("best*.ckpt")
+
+    batch = tmp_path / "batch"
+    write_series(batch / "good", 4)
+    broken = write_series(batch / "broken", 2)
+    write_series(broken, 1, rows=10, names=["big.dcm"])
+    npz = tmp_path / "vols.npz"
+    np.savez(npz, test_images=rng.integers(0, 256, (2, 16, 16, 16), dtype=np.uint8))
+    out = tmp_path / "predictions.csv"
+    main(["predict", f"--ckpt_path={ckpt}", str(root / "vol1.nii.gz"), str(root / "series0"),
+          str(batch), f"{npz}:test", "-o", str(out)])  # fmt: skip
+    table = [line.split(",") for line in out.read_text().splitlines()]
+    header, body = table[0], table[1:]
+    col = {h: i for i, h in enumerate(header)}
+    assert [r[col["source"]] for r in body] == [
+        str(root / "vol1.nii.gz"), str(root / "series0"),
+        str(batch / "broken"), str(batch / "good"), "vols.npz:test", "vols.npz:test",
+    ]  # fmt: skip
+    for r in body:
+        broken_row = r[col["source"]].endswith("broken")
+        assert (r[col["prediction"]] == "") == broken_row
+        if broken_row:
+            assert "slices of different sizes" in r[col["error"]]
+        else:
+            p = float(r[col["prob_no"]]) + float(r[col["prob_yes"]])
+            assert abs(p - 1) < 1e-4 and r[col["prediction"]] in ("no", "yes")
+    # a 2D image given to the 3D checkpoint is one error, not rows
+    png = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["predict", f"--ckpt_path={ckpt}", str(png)])
+    assert "x.png is a 2D image, but the checkpoint is a 3D model" in capsys.readouterr().err
