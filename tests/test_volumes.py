@@ -62,10 +62,12 @@ def test_nifti_time_series_is_refused(name, count):
     assert info.value.kind == "dimensions" and name in str(info.value)
 
 
-def test_4d_nifti_with_one_volume_is_a_volume(tmp_path):
-    values = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6, 1)
+@pytest.mark.parametrize("extra", [(1,), (1, 1)])
+def test_4d_nifti_with_one_volume_is_a_volume(tmp_path, extra):
+    values = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6, *extra)
     path = write_nifti(tmp_path / "one.nii.gz", values)
-    assert read_volume(path).values.shape == (6, 5, 4)
+    volume = read_volume(path).values
+    np.testing.assert_array_equal(volume, values.reshape(4, 5, 6).transpose(2, 1, 0))
 
 
 def test_2d_files_are_refused_where_a_volume_is_expected(tmp_path):
@@ -147,6 +149,14 @@ def test_series_errors_name_the_folder(tmp_path):
             load_volume(folder, 8)
         assert str(info.value).startswith(str(folder)) and "\n" not in str(info.value)
         assert info.value.kind == "series"
+
+
+def test_dicomdir_is_not_a_slice(tmp_path):
+    import shutil
+
+    folder = write_series(tmp_path / "media", 3)
+    shutil.copy(folder / "slice0.dcm", folder / "DICOMDIR")  # any DICOM file by that name
+    assert read_volume(folder).values.shape == (3, 8, 6)
 
 
 def test_series_without_positions_is_refused(tmp_path):

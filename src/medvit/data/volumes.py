@@ -14,7 +14,7 @@ decode cache) and ``medvit predict``, so that prediction sees what training saw.
      ONE series. Slices are sorted by ``ImagePositionPatient`` projected on the slice normal
      (the cross product of ``ImageOrientationPatient``'s row and column directions), not by file
      name or ``InstanceNumber``. Spacing: the slice gap from those positions, rows and columns
-     from ``PixelSpacing``. Values go through the modality LUT (``RescaleSlope`` and
+     from ``PixelSpacing`` (1 mm when absent). Values go through the modality LUT (``RescaleSlope`` and
      ``RescaleIntercept``: Hounsfield units for CT). Refused, naming the folder: several
      ``SeriesInstanceUID`` s, slices of different ``Rows``/``Columns``, a slice without
      ``ImagePositionPatient``/``ImageOrientationPatient``, two slices at one position, uneven
@@ -130,7 +130,13 @@ def series_files(folder: Path) -> list[Path]:
         entries = sorted(folder.iterdir())
     except OSError:
         return []
-    return [p for p in entries if not p.name.startswith(".") and p.is_file() and is_dicom(p)]
+    return [
+        p
+        for p in entries
+        # DICOMDIR is the media's index (DICOM, but no image): not a slice
+        if not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and p.is_file()
+        and is_dicom(p)
+    ]  # fmt: skip
 
 
 def is_series_folder(path: str | Path) -> bool:
@@ -168,8 +174,8 @@ def read_nifti_volume(path: str | Path) -> Volume:
     path = Path(path)
     image = nibabel.load(path)
     shape = tuple(image.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        image = image.slicer[..., 0]
+    if len(shape) > 3 and math.prod(shape[3:]) == 1:  # (x, y, z, 1[, 1 ...]): one volume
+        image = image.slicer[(slice(None),) * 3 + (0,) * (len(shape) - 3)]
     elif len(shape) > 3:
         raise ImageReadError(
             path,
