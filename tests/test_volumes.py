@@ -292,8 +292,9 @@ def test_mixing_images_and_volumes_is_one_error(tmp_path):
     dm = ImageDataModule(str(csv_file), size=8, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataSourceError, match="2D images and 3D volumes mixed.*: x.png"):
         dm.prepare_data()
-    with pytest.raises(DataSourceError, match="3D volumes in a 2D source"):
+    with pytest.raises(DataSourceError, match="3D volumes in a 2D source") as info:
         ImageDataModule(str(csv_file), size=8, spatial_dims=2).prepare_data()
+    assert len(info.value.problems) == 1  # series folders are not also "missing files"
 
 
 def test_class_folders_of_series_with_spatial_dims_3(tmp_path):

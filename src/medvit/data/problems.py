@@ -105,14 +105,15 @@ def validate(table: Table) -> list[Problem]:
     problems = list(table.problems)
     missing, empty = [], []
     left_out = [p for prob in table.problems if not prob.skippable for p in prob.paths]
+    flagged = set(left_out)
     for p in dict.fromkeys([*table.paths, *left_out]):
         try:
             st = os.stat(p)
         except OSError:
             missing.append(p)
             continue
-        if stat.S_ISDIR(st.st_mode) and table.spatial_dims == 3:
-            continue  # a DICOM series folder (its decoding checks its files)
+        if stat.S_ISDIR(st.st_mode) and (table.spatial_dims == 3 or p in flagged):
+            continue  # a DICOM series folder (its decoding checks it), or already reported
         if not stat.S_ISREG(st.st_mode):
             missing.append(p)
         elif st.st_size == 0:
