@@ -88,8 +88,9 @@ def test_class_folders_of_series_are_labelled(tmp_path):
 
 def test_decoding_follows_the_checkpoint():
     hp = AttributeDict(spatial_dims=3, in_chans=1, img_size=28)
-    data_hp = {"size": 32, "spacing": [1.5, 1.0, 1.0], "window": "40,400", "in_chans": None}
-    assert decoding_for(hp, data_hp, None) == Decoding(32, 1, (40.0, 400.0), 3, (1.5, 1.0, 1.0))
+    data_hp = {"size": 32, "spacing": [1.5, 1.0, 1.0], "window": "40,400", "crop_pad": True}
+    expected = Decoding(32, 1, (40.0, 400.0), 3, (1.5, 1.0, 1.0), crop_pad=True)
+    assert decoding_for(hp, data_hp, None) == expected
     assert decoding_for(hp, data_hp, (0, 100)).window == (0.0, 100.0)
     flat = decoding_for(AttributeDict(in_chans=3, img_size=28), {"size": 28}, None)
     assert flat.spatial_dims == 2 and flat.spacing is None and flat.in_chans == 3

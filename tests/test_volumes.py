@@ -259,6 +259,7 @@ def test_image_datamodule_decodes_volumes_into_uint8_cubes(tmp_path):
         assert a.dtype == np.uint8 and a.shape[1:] == (16, 16, 16)
     manifest = json.loads((dm._folder / MANIFEST).read_text())
     assert manifest["spatial_dims"] == 3 and manifest["spacing"] == [1.0, 1.0, 1.0]
+    assert manifest["crop_pad"] is False
     # the cached cube is what load_volume (which predict uses) gives for the same file
     names, _ = dm.split_samples("train")
     first = tmp_path / "data" / names[0]
@@ -315,3 +316,16 @@ def test_class_folders_of_series_with_spatial_dims_3(tmp_path):
     (problem,) = auto.problems
     assert problem.kind == "2D images and 3D volumes mixed"
     assert "--data.spatial_dims 3" in problem.hint
+
+
+def test_crop_pad_keeps_the_physical_scale():
+    values = np.arange(4 * 6 * 10, dtype=np.float32).reshape(4, 6, 10) + 5
+    out = resample(values, (1.0, 1.0, 1.0), 8, crop_pad=True)
+    assert out.shape == (8, 8, 8)
+    # D padded 2 + 2, H padded 1 + 1, W cropped 1 + 1: voxels unchanged, padding the minimum
+    np.testing.assert_array_equal(out[2:6, 1:7, :], values[:, :, 1:9])
+    assert (out[:2] == 5).all() and (out[:, 0] == 5).all()
+    spaced = resample(values, (2.0, 1.0, 1.0), 8, (1.0, 1.0, 1.0), crop_pad=True)
+    assert spaced.shape == (8, 8, 8)  # 4 slices of 2 mm are 8 of 1 mm: no padding along D
+    np.testing.assert_allclose(spaced[:, 0], spaced.min())  # padded with the minimum
+    assert spaced.min() == pytest.approx(5) and spaced.max() > 200

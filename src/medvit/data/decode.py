@@ -82,12 +82,13 @@ def cache_key(
     window: tuple[float, float] | None,
     spacing: tuple[float, ...] | None = None,
     spatial_dims: int = 2,
+    crop_pad: bool = False,
 ) -> str:
     """SHA-256 over the files (path, size, mtime), labels, splits and decoding options."""
     digest = hashlib.sha256()
     options = {"version": CACHE_VERSION, "size": size, "channels": channels, "window": window}
     if spatial_dims == 3:  # added only for volumes, so the keys of 2D caches stay as they were
-        options.update(spatial_dims=3, spacing=spacing)
+        options.update(spatial_dims=3, spacing=spacing, crop_pad=crop_pad)
     digest.update(json.dumps(options, sort_keys=True).encode())
     for path, split in zip(paths, np.asarray(splits).tolist(), strict=True):
         try:
@@ -103,8 +104,8 @@ def cache_key(
 
 
 # Options of the decoding processes (set once per process by the pool's initializer):
-# size, channels, window, and for volumes the target spacing (else None) and spatial dims.
-_OPTIONS: tuple = (0, 1, None, None, 2)
+# size, channels, window, and for volumes the target spacing (else None), spatial dims, crop_pad.
+_OPTIONS: tuple = (0, 1, None, None, 2, False)
 
 
 def _init_worker(*options) -> None:
@@ -119,12 +120,12 @@ def _init_worker(*options) -> None:
 def _decode(job: tuple[int, str]) -> tuple[int, np.ndarray | None, str, str]:
     """``(row, pixels, "", "")`` or ``(row, None, reason, kind)``; never raises for a bad file."""
     row, path = job
-    size, channels, window, spacing, spatial_dims = _OPTIONS
+    size, channels, window, spacing, spatial_dims, crop_pad = _OPTIONS
     try:
         if spatial_dims == 3:
             from medvit.data.volumes import load_volume
 
-            return row, load_volume(path, size, spacing, window), "", ""
+            return row, load_volume(path, size, spacing, window, crop_pad), "", ""
         return row, load_image(path, size, channels, window), "", ""
     except ImageReadError as err:
         return row, None, err.reason, err.kind
@@ -170,6 +171,7 @@ def decode_to_cache(
     workers: int = 1,
     spacing: tuple[float, ...] | None = None,
     spatial_dims: int = 2,
+    crop_pad: bool = False,
 ) -> DecodedArrays:
     """The decode cache of these files, labels and splits: reused when complete, else built.
 
@@ -186,6 +188,7 @@ def decode_to_cache(
         spacing: volumes: the target voxel spacing in mm (D, H, W), or None (resize only).
         spatial_dims: 2 (images, :func:`~medvit.data.readers.load_image`) or 3 (volumes,
             :func:`~medvit.data.volumes.load_volume`: (N, size, size, size) grey arrays).
+        crop_pad: volumes: crop/pad to the cube instead of resizing (after the spacing step).
 
     Raises:
         DataFileError: the cache folder cannot be written or the disk is too small.
@@ -195,8 +198,8 @@ def decode_to_cache(
     splits = np.asarray(splits).astype(str)
     if spatial_dims == 3 and channels != 1:
         raise ValueError(f"volumes are decoded grey (channels=1), got channels={channels}")
-    key = cache_key(paths, labels, splits, size, channels, window, spacing, spatial_dims)
-    options = (size, channels, window, spacing, spatial_dims)
+    key = cache_key(paths, labels, splits, size, channels, window, spacing, spatial_dims, crop_pad)
+    options = (size, channels, window, spacing, spatial_dims, crop_pad)
     root = Path(cache_root) / IMAGES_DIR
     out = root / f"{name}-{key[:16]}"
     if (out / _COMPLETE).is_file() and _hold(out):
@@ -228,7 +231,7 @@ def _read_failed(folder: Path) -> list[tuple[Path, str, str]]:
 
 
 def _shape(options: tuple) -> tuple[int, ...]:
-    size, channels, _, _, spatial_dims = options
+    size, channels, _, _, spatial_dims, _ = options
     if spatial_dims == 3:
         return (size, size, size)
     return (size, size) if channels == 1 else (size, size, channels)
@@ -248,7 +251,7 @@ def _build(out, paths, labels, splits, source, options, workers) -> None:
 
 def _write_arrays(out, paths, labels, splits, source, options, workers) -> None:
     shape = _shape(options)
-    size, channels, window, spacing, spatial_dims = options
+    size, channels, window, spacing, spatial_dims, crop_pad = options
     with building(out, source) as tmp:
         rows = {s: np.flatnonzero(splits == s) for s in SPLITS}
         position = np.zeros(len(paths), dtype=np.int64)  # row within its split
@@ -288,6 +291,7 @@ def _write_arrays(out, paths, labels, splits, source, options, workers) -> None:
             "window": window,
             "spacing": spacing,
             "spatial_dims": spatial_dims,
+            "crop_pad": crop_pad,
             "version": CACHE_VERSION,
             "counts": counts,
             "paths": {s: [str(paths[i]) for i in rows[s] if ok[i]] for s in SPLITS},

@@ -80,6 +80,8 @@ class ImageDataModule(ArrayDataModule):
             for a folder of class folders whose DICOM files form one series per folder.
         spacing: volumes: resample to this voxel spacing in mm first (one value isotropic, or
             D,H,W), then resize to the cube; ``None`` only resizes.
+        crop_pad: volumes: centre-crop or pad (with the minimum) to the cube instead of
+            resizing, after the spacing step: keeps the physical scale.
         on_bad_file: ``error``: stop before training, listing every missing, empty or
             undecodable file; ``skip``: train without them and list them in the run folder
             (``skipped_files.csv``). Other problems (labels, duplicates, columns) always stop.
@@ -122,6 +124,7 @@ class ImageDataModule(ArrayDataModule):
         window: tuple[float, float] | str | None = None,
         spatial_dims: Literal[2, 3] | None = None,
         spacing: float | list[float] | str | None = None,
+        crop_pad: bool = False,
         on_bad_file: OnBadFile = "error",
         path_column: str = "path",
         label_column: str = "label",
@@ -278,6 +281,7 @@ class ImageDataModule(ArrayDataModule):
             workers=self._decode_workers(),
             spacing=self.spacing,
             spatial_dims=self.spatial_dims,
+            crop_pad=bool(self.hparams.crop_pad),
         )
         if decoded.failed or missing:
             found = [*problems, *_decode_problems(decoded.failed, table.root)]

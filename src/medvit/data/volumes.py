@@ -24,7 +24,9 @@ decode cache) and ``medvit predict``, so that prediction sees what training saw.
    ``Spacing`` (trilinear, border padding, the physical extent kept: spacing (2, 1, 1) to
    (1, 1, 1) doubles the depth); then MONAI's ``Resize`` to the ``size`` cube (axes that shrink
    area-averaged, then axes that grow trilinear, as Pillow's BOX/bilinear for 2D images; the
-   aspect ratio is not kept, as for 2D images and MedMNIST).
+   aspect ratio is not kept, as for 2D images and MedMNIST). With ``crop_pad`` the volume is
+   instead centre-cropped or padded (with its minimum) to the cube: with a target spacing this
+   keeps the physical scale (a 64 cube at 1.5 mm is a 96 mm field of view).
    Refused: a spacing that is zero, negative or not finite, and a volume too thin to be one:
    after the spacing step every axis must have at least 2 voxels and at least ``size /``
    :data:`MAX_UPSAMPLING` voxels (a 3-slice stack is not stretched into a 64-voxel cube).
@@ -288,18 +290,21 @@ def resample(
     size: int,
     target_spacing: Sequence[float] | None = None,
     name: str | Path = "volume",
+    crop_pad: bool = False,
 ) -> np.ndarray:
     """``values`` (D, H, W) resampled with MONAI to a float32 (size, size, size) cube.
 
-    The spacing step first (when ``target_spacing`` is given), then the resize to the cube; see
-    the module docs for the rule on volumes too thin to resample.
+    The spacing step first (when ``target_spacing`` is given), then the resize to the cube, or
+    with ``crop_pad`` a centred crop or pad to it (MONAI ``ResizeWithPadOrCrop``, padding with
+    the volume's minimum, e.g. air in CT), which keeps the physical scale of the spacing step.
+    See the module docs for the rule on volumes too thin to resample.
 
     Raises:
         ImageReadError: a bad spacing or a volume too thin (kind ``"resample"``), naming ``name``.
     """
     import torch
     from monai.data import MetaTensor
-    from monai.transforms import Resize, Spacing
+    from monai.transforms import Resize, ResizeWithPadOrCrop, Spacing
 
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
@@ -322,6 +327,10 @@ def resample(
         )(MetaTensor(tensor, affine=affine))  # fmt: skip
         tensor = torch.as_tensor(spaced)
     _check_shape(tensor.shape[1:], size, name, "")
+    if crop_pad:
+        low = tensor.min()
+        tensor = ResizeWithPadOrCrop((size, size, size))(tensor - low) + low
+        return np.asarray(torch.as_tensor(tensor)[0].numpy(), dtype=np.float32)
     # Axes that shrink are area-averaged first (as Pillow's BOX for 2D images; MONAI's
     # Gaussian anti-aliasing pads with zeros and darkens the borders), then axes that grow are
     # interpolated trilinearly: a constant volume stays constant.
@@ -360,11 +369,13 @@ def load_volume(
     size: int,
     spacing: float | Sequence[float] | None = None,
     window: tuple[float, float] | str | None = None,
+    crop_pad: bool = False,
 ) -> np.ndarray:
     """One volume decoded for training or prediction: ``uint8`` (size, size, size).
 
-    :func:`read_volume`, :func:`resample`, then :func:`to_uint8_volume` with ``window`` (the
-    override) or the series' own window.
+    :func:`read_volume`, :func:`resample` (to ``spacing``, then resized, or with ``crop_pad``
+    cropped/padded, to the cube), then :func:`to_uint8_volume` with ``window`` (the override)
+    or the series' own window.
 
     Raises:
         ImageReadError: the volume cannot be read or resampled, or ``path`` is a 2D image.
@@ -374,7 +385,7 @@ def load_volume(
     window = parse_window(window)
     try:
         volume = read_volume(path)
-        cube = resample(volume.values, volume.spacing, size, target, path)
+        cube = resample(volume.values, volume.spacing, size, target, path, crop_pad)
     except ImageReadError:
         raise
     except Exception as err:  # noqa: BLE001 - decoders raise anything on corrupt input

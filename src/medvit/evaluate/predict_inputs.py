@@ -70,7 +70,7 @@ class Decoding:
     """How files are decoded: :func:`load_image`'s ``size``, ``in_chans`` and ``window``.
 
     With ``spatial_dims=3``, :func:`~medvit.data.volumes.load_volume`'s cube ``size``,
-    ``spacing`` and ``window`` instead.
+    ``spacing``, ``window`` and ``crop_pad`` instead.
     """
 
     size: int | None
@@ -78,6 +78,7 @@ class Decoding:
     window: tuple[float, float] | None
     spatial_dims: int = 2
     spacing: tuple[float, ...] | None = None
+    crop_pad: bool = False
 
     def loader(self, path: Path) -> Callable[[], np.ndarray]:
         """A function decoding ``path`` when called (in the DataLoader, so errors stay per row).
@@ -85,7 +86,7 @@ class Decoding:
         A :func:`functools.partial`, so that DataLoader worker processes can receive it.
         """
         if self.spatial_dims == 3:
-            return partial(load_volume, path, self.size, self.spacing, self.window)
+            return partial(load_volume, path, self.size, self.spacing, self.window, self.crop_pad)
         return partial(load_image, path, self.size, self.in_chans, self.window)
 
 
@@ -163,7 +164,9 @@ def decoding_for(hp: Any, data_hp: dict[str, Any], window: Any) -> Decoding:
     # from its items.
     dims = int(hp.get("spatial_dims") or data_hp.get("spatial_dims") or 2)
     spacing = parse_spacing(data_hp.get("spacing")) if dims == 3 else None
-    return Decoding(int(size), 1 if dims == 3 else int(in_chans), window, dims, spacing)
+    crop_pad = bool(data_hp.get("crop_pad")) and dims == 3
+    channels = 1 if dims == 3 else int(in_chans)
+    return Decoding(int(size), channels, window, dims, spacing, crop_pad)
 
 
 def image_files(folder: Path) -> list[Path]:
