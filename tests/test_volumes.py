@@ -170,6 +170,17 @@ def test_series_without_positions_is_refused(tmp_path):
         read_volume(folder)
 
 
+def test_series_of_mixed_orientations_is_refused(tmp_path):
+    import pydicom
+
+    folder = write_series(tmp_path / "tilted", 3)
+    ds = pydicom.dcmread(folder / "slice2.dcm")
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal slice in an axial series
+    ds.save_as(folder / "slice2.dcm")
+    with pytest.raises(ImageReadError, match="different orientations.*slice2.dcm"):
+        read_volume(folder)
+
+
 # ------------------------------------------------------------------------------ resampling
 
 

@@ -14,11 +14,12 @@ decode cache) and ``medvit predict``, so that prediction sees what training saw.
      ONE series. Slices are sorted by ``ImagePositionPatient`` projected on the slice normal
      (the cross product of ``ImageOrientationPatient``'s row and column directions), not by file
      name or ``InstanceNumber``. Spacing: the slice gap from those positions, rows and columns
-     from ``PixelSpacing`` (1 mm when absent). Values go through the modality LUT (``RescaleSlope`` and
-     ``RescaleIntercept``: Hounsfield units for CT). Refused, naming the folder: several
-     ``SeriesInstanceUID`` s, slices of different ``Rows``/``Columns``, a slice without
-     ``ImagePositionPatient``/``ImageOrientationPatient``, two slices at one position, uneven
-     slice gaps, a single slice, multi-frame files.
+     from ``PixelSpacing`` (1 mm when absent). Values go through the modality LUT
+     (``RescaleSlope`` and ``RescaleIntercept``: Hounsfield units for CT). A ``DICOMDIR`` is not
+     a slice. Refused, naming the folder: several ``SeriesInstanceUID`` s, slices of different
+     ``Rows``/``Columns`` or orientations, a slice without ``ImagePositionPatient``/
+     ``ImageOrientationPatient``, two slices at one position, uneven slice gaps (missing
+     slices), a single slice, multi-frame or colour files.
 
 2. **Resample** (:func:`resample`, MONAI): first, when a target ``spacing`` is given, MONAI's
    ``Spacing`` (trilinear, border padding, the physical extent kept: spacing (2, 1, 1) to
@@ -240,6 +241,15 @@ def read_dicom_series(folder: str | Path) -> Volume:
     if frames > 1:
         raise _series_error(folder, "multi-frame DICOM files are not supported in a series")
     orientation = np.array(slices[0][1].ImageOrientationPatient, dtype=np.float64)
+    tilted = [
+        f.name
+        for f, ds in slices
+        if not np.allclose(np.array(ds.ImageOrientationPatient, np.float64), orientation, atol=1e-3)
+    ]
+    if tilted:
+        raise _series_error(
+            folder, f"slices of different orientations (ImageOrientationPatient, e.g. {tilted[0]})"
+        )
     normal = np.cross(orientation[:3], orientation[3:])
     positions = np.array(
         [np.dot(np.array(ds.ImagePositionPatient, np.float64), normal) for _, ds in slices]
