@@ -340,3 +340,24 @@ def test_crop_pad_keeps_the_physical_scale():
     assert spaced.shape == (8, 8, 8)  # 4 slices of 2 mm are 8 of 1 mm: no padding along D
     np.testing.assert_allclose(spaced[:, 0], spaced.min())  # padded with the minimum
     assert spaced.min() == pytest.approx(5) and spaced.max() > 200
+
+
+@pytest.mark.slow
+def test_volumes_decode_in_spawned_processes_as_in_one(tmp_path, monkeypatch):
+    """The pool for volumes (spawned: MONAI runs torch) gives the in-process bytes."""
+    from medvit.data import decode
+
+    csv_file = _volume_csv(tmp_path / "data", n=6)
+    options = {"size": 12, "spacing": 1.5, "val_fraction": 0.2, "test_fraction": 0.2}
+    one = ImageDataModule(str(csv_file), cache_dir=str(tmp_path / "a"), decode_workers=0, **options)
+    one.prepare_data()
+    monkeypatch.setattr(decode, "_MIN_VOLUMES_FOR_POOL", 2)
+    pool = ImageDataModule(
+        str(csv_file), cache_dir=str(tmp_path / "b"), decode_workers=2, **options
+    )
+    pool.prepare_data()
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(
+            np.load(one._folder / f"{split}_images.npy"),
+            np.load(pool._folder / f"{split}_images.npy"),
+        )
