@@ -235,3 +235,29 @@ def test_fit_the_3d_recipe_on_real_adrenalmnist3d(real_data, tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["spatial_dims"] == 3
     assert ckpt["state_dict"]["net.patch_embed.proj.weight"].shape == (64, 1, 7, 7, 7)
+
+
+@pytest.mark.slow
+def test_the_recipe_runs_another_flag_at_64_with_only_the_data_changed(synthetic_root, tmp_path):
+    from medvit.cli import main
+
+    root = synthetic_root("organmnist3d", 64, n=(11, 11, 11))
+    run_dir = tmp_path / "run"
+    main(
+        [
+            "fit",
+            "-c",
+            str(RECIPE),
+            "--data.flag=organmnist3d",
+            "--data.size=64",
+            f"--data.root={root}",
+            f"--run.dir={run_dir}",
+            *short_trainer_args(1, train_batches=2, batch_size=4, patch_size=None),
+        ]
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "auroc" in metrics["test"]
+    ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    # patch_size null: the patch followed the cube, 8 at 64^3 (an 8x8x8 grid).
+    assert ckpt["state_dict"]["net.patch_embed.proj.weight"].shape == (64, 1, 8, 8, 8)
+    assert ckpt["hyper_parameters"]["num_classes"] == 11
