@@ -251,6 +251,15 @@ def test_writer_draws_volumes_as_slices_only_on_rank_zero_and_drops_stale_pictur
     assert list(stale.parent.iterdir()) == []
 
 
+def test_a_first_test_without_mistakes_writes_an_empty_section(tmp_path):
+    module = _module(np.eye(3)[[0, 1, 2]], np.array([0, 1, 2]))
+    trainer = _trainer(tmp_path / "run", _Volumes(3))
+    gallery = TestGallery()
+    gallery.setup(trainer, module, "test")
+    gallery.on_test_end(trainer, module)
+    assert runs.read_gallery(tmp_path / "run") == {"misclassified": []}
+
+
 def test_write_gallery_section_refuses_an_entry_without_its_picture(tmp_path):
     entry = {"image": "gallery/misclassified/x.png", "index": 0, "true": "a", "predicted": "b"}
     with pytest.raises(ValueError, match="lacks"):
