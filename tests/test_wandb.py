@@ -317,7 +317,6 @@ class _Volumes:
         return (self.volumes[i] - 0.5) / 0.5, 0, i
 
 
-@pytest.mark.slow
 def test_3d_test_media_log_slice_thumbnails_and_the_gallery_table(offline, tmp_path):
     """Volumes: the misclassified table's thumbnails are mid-slice strips, and the opt-in
     ``test/gallery`` table holds the run's gallery pictures (misclassified and explained)."""
