@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -76,6 +79,32 @@ def test_gallery_pictures_show_the_test_item_as_the_model_saw_it(fitted: Path):
         np.testing.assert_allclose(sample[0] * 255, raw[entry["index"]], atol=0.01)
         title = f"true: {entry['true']} · predicted: {entry['predicted']}"
         assert (fitted / entry["image"]).read_bytes() == case_plots.case_png(sample, title)
+
+
+@pytest.mark.slow
+def test_a_ddp_test_writes_the_same_gallery_once(fitted: Path, tmp_path: Path):
+    """``medvit test`` on 2 CPU processes: rank 0 writes the one-process gallery, nothing else."""
+    out = tmp_path / "ddp-test"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+    }
+    cmd = [sys.executable, "-m", "medvit", "test", "-c", str(fitted / "config.yaml")]
+    cmd += [f"--ckpt_path={fitted / 'checkpoints' / 'best.ckpt'}", f"--run.dir={out}"]
+    cmd += ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert json.loads((out / "meta.json").read_text())["world_size"] == 2
+    one, two = (runs.read_gallery(d)["misclassified"] for d in (fitted, out))
+    assert [e["index"] for e in two] == [e["index"] for e in one]
+    for a, b in zip(one, two, strict=True):
+        assert b["probability"] == pytest.approx(a["probability"], abs=1e-5)
+        assert (out / b["image"]).read_bytes() == (fitted / a["image"]).read_bytes()
+    assert sorted(p.name for p in (out / "gallery").rglob("*")) == sorted(
+        ["misclassified", "misclassified.json", *(Path(e["image"]).name for e in two)]
+    )
 
 
 # ----------------------------------------------------------------------------- selection
