@@ -767,6 +767,7 @@ def _fake_3d_run(path: Path) -> Path:
                 "probability": 0.8,
                 "method": "rollout",
                 "kind": kind,
+                **({"caption": "most confident wrong of class normal"} if index == 8 else {}),
             }
         )
     runs.write_gallery(path, "explained", explained)
@@ -805,6 +806,11 @@ def test_report_shows_the_gallery_of_a_3d_run_with_misclassified_and_explained_c
         (f"true {names[0]} · wrong", "#8"),
     ]
     assert all("rollout" in c["caption"] for c in page.cases if c["section"] == "explained")
+    (own,) = [c["caption"] for c in page.cases if c["caption"].startswith("#8 ")]
+    assert own == (
+        f"#8 · true: {names[0]} · predicted: {names[1]} (p = 0.800) · most confident wrong of "
+        "class normal · rollout"
+    )
     assert ("h3", "Test cases") in page.headings
     # Gallery pictures are not plots: the figures stay the report's own.
     assert {f.get("data-plot") for f in Page(html).figures} == RUN_PLOTS - {"learning_curves"}

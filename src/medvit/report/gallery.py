@@ -78,14 +78,18 @@ def data_uri(path: Path) -> str:
 
 
 def caption(entry: Mapping[str, Any]) -> str:
-    """The entry's own caption, else ``#index · true … · predicted … (p = …)`` [· method]."""
-    if entry.get("caption"):
-        text = str(entry["caption"])
-    else:
-        text = (
-            f"#{entry['index']} · true: {entry['true']} · predicted: {entry['predicted']} "
-            f"(p = {float(entry['probability']):.3f})"
-        )
+    """``#index · true … · predicted … (p = …)``, then the entry's own caption and method.
+
+    An entry caption that already starts with ``#index ·`` (the misclassified section's) is a
+    whole caption and replaces that first part.
+    """
+    head = (
+        f"#{entry['index']} · true: {entry['true']} · predicted: {entry['predicted']} "
+        f"(p = {float(entry['probability']):.3f})"
+    )
+    own = str(entry.get("caption") or "")
+    whole = own.startswith(f"#{entry['index']} ·")
+    text = own if whole else (f"{head} · {own}" if own else head)
     method = entry.get("method")
     if method and str(method) not in text:
         text += f" · {method}"
