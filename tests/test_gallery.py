@@ -289,6 +289,18 @@ def test_a_first_test_without_mistakes_writes_an_empty_section(tmp_path):
     assert runs.read_gallery(tmp_path / "run") == {"misclassified": []}
 
 
+def test_a_gallery_that_cannot_be_drawn_warns_instead_of_failing_the_run(tmp_path):
+    module = _module(np.eye(3)[[1, 0]], np.array([0, 1]))
+    trainer = _trainer(tmp_path, None)
+    gallery = TestGallery()
+    gallery.setup(trainer, module, "test")
+    with pytest.warns(UserWarning, match="gallery of .* was not written: .*test_dataloaders"):
+        gallery.on_test_end(trainer, module)
+    assert runs.read_gallery(tmp_path) == {}
+    with pytest.raises(ValueError, match="max_cases"):
+        TestGallery(max_cases=-1)
+
+
 def test_write_gallery_section_refuses_an_entry_without_its_picture(tmp_path):
     entry = {"image": "gallery/misclassified/x.png", "index": 0, "true": "a", "predicted": "b"}
     with pytest.raises(ValueError, match="lacks"):

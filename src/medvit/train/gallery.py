@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
 
 from medvit import runs
 from medvit.evaluate.case_plots import case_png, denormalize
@@ -122,10 +123,14 @@ class TestGallery(L.Callback):
         preds = getattr(pl_module, "test_predictions", None)
         if not trainer.is_global_zero or preds is None or self.max_cases == 0:
             return
-        predictions = runs.Predictions.from_module(pl_module)
-        cases = misclassified_cases(predictions, self.max_cases)
-        mean, std = normalisation(trainer)
-        dataset = dataset_of_test(trainer) if cases else None
         run_dir = self.run_dir or Path(trainer.default_root_dir)
-        entries = write_case_pictures(run_dir, SECTION, cases, dataset, mean, std, dpi=self.dpi)
-        write_gallery_section(run_dir, SECTION, entries)
+        try:
+            predictions = runs.Predictions.from_module(pl_module)
+            cases = misclassified_cases(predictions, self.max_cases)
+            mean, std = normalisation(trainer)
+            dataset = dataset_of_test(trainer) if cases else None
+            entries = write_case_pictures(run_dir, SECTION, cases, dataset, mean, std, dpi=self.dpi)
+            write_gallery_section(run_dir, SECTION, entries)
+        except (ValueError, OSError, IndexError) as err:
+            # The metrics and predictions are written by now: pictures must not fail the run.
+            rank_zero_warn(f"The test-case gallery of {run_dir} was not written: {err}")
