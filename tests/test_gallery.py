@@ -308,3 +308,48 @@ def test_write_gallery_section_refuses_an_entry_without_its_picture(tmp_path):
     with pytest.raises(ValueError, match="is not a file"):
         write_gallery_section(tmp_path, "misclassified", [{**entry, "probability": 0.9}])
     assert not (tmp_path / "gallery" / "misclassified.json").exists()
+
+
+def test_the_gallery_of_a_real_3d_test_split_shows_each_volume_as_the_model_saw_it(
+    real_data, tmp_path
+):
+    """AdrenalMNIST3D's test split: the pictures are the volumes' mid slices, un-normalised."""
+    from medvit.data.medmnist import MedMNISTDataModule
+
+    dm = MedMNISTDataModule(
+        flag="adrenalmnist3d",
+        root=str(real_data),
+        cache_dir=str(tmp_path / "cache"),
+        num_workers=0,
+        global_batch_size=8,
+    )
+    dm.setup("test")
+    assert dm.spatial_dims == 3
+    n = len(dm.data_test)
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.55, 0.95, n)
+    target = dm.data_test.labels()[:, 0].astype(int)
+    probs = np.where(target[:, None] == 0, np.c_[1 - p, p], np.c_[p, 1 - p])  # all wrong
+    module = SimpleNamespace(
+        test_predictions={"probs": probs, "target": target, "index": np.arange(n)},
+        hparams={"class_names": dm.class_names, "task": "binary"},
+    )
+    trainer = _trainer(tmp_path / "run", None)
+    trainer.test_dataloaders = [dm.test_dataloader()]
+    trainer.datamodule = dm
+    gallery = TestGallery(max_cases=3)
+    gallery.setup(trainer, module, "test")
+    gallery.on_test_end(trainer, module)
+    entries = runs.read_gallery(tmp_path / "run")["misclassified"]
+    assert [e["index"] for e in entries] == np.argsort(-p, kind="stable")[:3].tolist()
+    with np.load(real_data / "adrenalmnist3d.npz") as npz:
+        raw = npz["test_images"]
+    for entry in entries:
+        sample = case_sample(dm.data_test, entry["index"], dm.hparams.mean, dm.hparams.std)
+        assert sample.shape == (1, 28, 28, 28)
+        np.testing.assert_allclose(sample[0] * 255, raw[entry["index"]], atol=0.01)
+        title = f"true: {entry['true']} · predicted: {entry['predicted']}"
+        png = (tmp_path / "run" / entry["image"]).read_bytes()
+        assert png == case_plots.case_png(sample, title)
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.width > 2 * im.height
