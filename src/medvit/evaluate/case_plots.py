@@ -160,7 +160,7 @@ def volume_slices_figure(
     d, h, w = np.asarray(volume).shape[-3:]
     where = {"axial": f"D = {d // 2}", "coronal": f"H = {h // 2}", "sagittal": f"W = {w // 2}"}
     fig = new_figure(
-        figsize=(3 * inches, inches + 0.35 + (0.35 if title else 0.0)), layout="constrained"
+        figsize=(3 * inches, inches + 0.1 + (0.3 if title else 0.0)), layout="constrained"
     )
     axes = fig.subplots(1, 3)
     for ax, name in zip(axes, SLICE_NAMES, strict=True):
