@@ -383,7 +383,8 @@ def test_report_renders_in_headless_chromium(real_runs, tmp_path):
     out = tmp_path / "report.html"
     report.write_report([real_runs[0]], out, progress=False)
     n_images = out.read_text().count("<img ")
-    assert n_images == len(RUN_PLOTS)
+    n_cases = sum(len(entries) for entries in runs.read_gallery(real_runs[0]).values())
+    assert n_images == len(RUN_PLOTS) + n_cases  # the plots and the test-case pictures
 
     dom = _run_chromium(exe, tmp_path / "profile", "--dump-dom", out.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -656,3 +657,196 @@ def test_report_command_does_not_import_torch(tmp_path):
     page = Page(out.read_text())
     assert [s["class"] for s in page.sections] == ["compare", "run", "cv"]
     assert {f["data-plot"] for f in page.figures} >= RUN_PLOTS
+
+
+# ----------------------------------------------------------------------------- test-case gallery
+class Cases(HTMLParser):
+    """The gallery's pictures: ``(section, group heading, img src, alt, caption)`` in page order."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.cases: list[dict] = []
+        self.headings: list[tuple[str, str]] = []  # (tag, text) of h3/h4/h5
+        self._section = self._group = ""
+        self._heading: list | None = None
+        self._caption: dict | None = None
+        self._in_case = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "div" and "data-gallery" in a:
+            self._section, self._group = a["data-gallery"], ""
+        elif tag == "div" and a.get("class") == "case":
+            self._in_case = True
+        elif tag in ("h3", "h4", "h5"):
+            self._heading = [tag, ""]
+        elif tag == "img" and self._in_case:
+            self._in_case = False
+            self.cases.append(
+                {"section": self._section, "group": self._group, "src": a["src"], "alt": a["alt"]}
+            )
+        elif tag == "p" and a.get("class") == "case-caption":
+            self._caption = self.cases[-1]
+            self._caption["caption"] = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("h3", "h4", "h5") and self._heading:
+            self.headings.append((self._heading[0], self._heading[1].strip()))
+            if tag == "h5":
+                self._group = self._heading[1].strip()
+            self._heading = None
+        elif tag == "p":
+            self._caption = None
+
+    def handle_data(self, data):
+        if self._heading is not None:
+            self._heading[1] += data
+        if self._caption is not None:
+            self._caption["caption"] += data
+
+
+def _fake_3d_run(path: Path) -> Path:
+    """A finished AdrenalMNIST3D-like run folder, written with the runs writers, with a gallery:
+    three misclassified volumes (slice triptychs) and an ``explained`` section (two classes,
+    correct and wrong, overlays)."""
+    from medvit.evaluate import case_plots
+
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(
+        "data:\n  flag: adrenalmnist3d\n  size: 28\nmodel:\n  model_name: vit3d_tiny\n"
+    )
+    names = list(INFO["adrenalmnist3d"]["label"].values())
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet([1, 1], size=20)
+    target = np.arange(20) % 2
+    runs.write_predictions(
+        path / runs.PREDICTIONS_FILE,
+        probs=probs,
+        target=target,
+        index=np.arange(20),
+        class_names=names,
+        task="binary",
+    )
+    runs.write_metrics(path, {"val": {"auroc": 0.7}, "test": {"auroc": 0.6}, "best_epoch": 1})
+    misclassified = []
+    for k, index in enumerate((7, 2, 11)):
+        volume = np.full((1, 28, 28, 28), 0.2, np.float32)
+        volume[0, 14, 5 + k, 5 + k] = 1.0
+        image = runs.gallery_image_path(path, "misclassified", f"test_{index:05d}.png")
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(case_plots.case_png(volume, f"case {index}"))
+        misclassified.append(
+            {
+                "image": image.relative_to(path).as_posix(),
+                "index": index,
+                "true": names[0],
+                "predicted": names[1],
+                "probability": 0.9 - 0.1 * k,
+            }
+        )
+    runs.write_gallery(path, "misclassified", misclassified)
+    explained = []
+    for index, true, kind in (
+        (4, 1, "wrong"),
+        (3, 0, "correct"),
+        (5, 1, "correct"),
+        (8, 0, "wrong"),
+    ):
+        overlay = rng.random((3, 28, 28)).astype(np.float32)
+        image = runs.gallery_image_path(path, "explained", f"rollout_{index:05d}.png")
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(case_plots.case_png(overlay))
+        predicted = true if kind == "correct" else 1 - true
+        explained.append(
+            {
+                "image": image.relative_to(path).as_posix(),
+                "index": index,
+                "true": names[true],
+                "predicted": names[predicted],
+                "probability": 0.8,
+                "method": "rollout",
+                "kind": kind,
+                **({"caption": "most confident wrong of class normal"} if index == 8 else {}),
+            }
+        )
+    runs.write_gallery(path, "explained", explained)
+    return path
+
+
+def test_report_shows_the_gallery_of_a_3d_run_with_misclassified_and_explained_cases(tmp_path):
+    run = _fake_3d_run(tmp_path / "adrenal")
+    names = list(INFO["adrenalmnist3d"]["label"].values())
+    html = report.build_report([run], progress=False)
+    page = Cases(html)
+    gallery = runs.read_gallery(run)
+    # Every picture is embedded (the file's bytes as a data URI), in the gallery's order.
+    for section in ("misclassified", "explained"):
+        shown = [c for c in page.cases if c["section"] == section]
+        assert len(shown) == len(gallery[section]), section
+        for case in shown:
+            data = base64.b64decode(case["src"].split(",", 1)[1])
+            (entry,) = [e for e in gallery[section] if (run / e["image"]).read_bytes() == data]
+            assert f"#{entry['index']} · true: {entry['true']}" in case["caption"]
+            assert f"predicted: {entry['predicted']}" in case["caption"]
+            assert f"(p = {entry['probability']:.3f})" in case["caption"]
+    wrong = [c for c in page.cases if c["section"] == "misclassified"]
+    assert [c["caption"].split(" ")[0] for c in wrong] == ["#7", "#2", "#11"]
+    for case in wrong:  # the slice triptychs, whole
+        image = png_of({"src": case["src"]})
+        assert image.width > 2 * image.height
+    # Explained: grouped by true class (in order of appearance), correct before wrong.
+    groups = [
+        (c["group"], c["caption"].split(" ")[0]) for c in page.cases if c["section"] == "explained"
+    ]
+    assert groups == [
+        (f"true {names[1]} · correct", "#5"),
+        (f"true {names[1]} · wrong", "#4"),
+        (f"true {names[0]} · correct", "#3"),
+        (f"true {names[0]} · wrong", "#8"),
+    ]
+    assert all("rollout" in c["caption"] for c in page.cases if c["section"] == "explained")
+    (own,) = [c["caption"] for c in page.cases if c["caption"].startswith("#8 ")]
+    assert own == (
+        f"#8 · true: {names[0]} · predicted: {names[1]} (p = 0.800) · most confident wrong of "
+        "class normal · rollout"
+    )
+    assert ("h3", "Test cases") in page.headings
+    # Gallery pictures are not plots: the figures stay the report's own.
+    assert {f.get("data-plot") for f in Page(html).figures} == RUN_PLOTS - {"learning_curves"}
+
+
+def test_report_of_a_cv_folder_shows_its_first_folds_gallery_without_torch(tmp_path):
+    """The CV section shows fold r0-f0's pictures; run and CV reports stay torch-free."""
+    run = _fake_3d_run(tmp_path / "cv" / "runs" / "r0-f0")
+    entry = {"run": "r0-f0", "repeat": 0, "fold": 0, "run_dir": "runs/r0-f0"}
+    summary = {
+        "runs": [{**entry, "val": {"auroc": 0.7}, "test": {"auroc": 0.6}}],
+        "missing": [],
+        "val": {},
+        "test": {},
+        "ensemble": None,
+    }
+    (tmp_path / "cv" / "cv_summary.json").write_text(json.dumps(summary))
+    empty = tmp_path / "perfect"
+    shutil.copytree(run, empty, ignore=shutil.ignore_patterns("gallery"))
+    runs.write_gallery(empty, "misclassified", [])
+    out = tmp_path / "report.html"
+    code = (
+        "import sys, json\n"
+        "from medvit.report import main\n"
+        f"main([{str(tmp_path / 'cv')!r}, {str(empty)!r}, '-o', {str(out)!r}, '--no-progress'])\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == []
+    html = out.read_text()
+    page = Cases(html)
+    assert ("h3", "Test cases (fold r0-f0)") in page.headings
+    gallery = runs.read_gallery(run)
+    assert len(page.cases) == len(gallery["misclassified"]) + len(gallery["explained"])
+    assert "None: every test case was classified correctly." in html

@@ -302,3 +302,122 @@ def test_sweep_config_passes_args_to_medvit_fit():
     assert sweep["method"] in ("grid", "random", "bayes")
     for key in sweep["parameters"]:
         assert key.split(".")[0] in ("model", "data", "trainer"), key
+
+
+class _Volumes:
+    """A test split of (1, D, H, W) volumes, normalised with mean 0.5 and std 0.5."""
+
+    def __init__(self, n: int, shape: tuple[int, int, int] = (6, 8, 10)) -> None:
+        self.volumes = np.full((n, 1, *shape), 0.3, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, i: int):
+        return (self.volumes[i] - 0.5) / 0.5, 0, i
+
+
+def test_3d_test_media_log_slice_thumbnails_and_the_gallery_table(offline, tmp_path):
+    """Volumes: the misclassified table's thumbnails are mid-slice strips, and the opt-in
+    ``test/gallery`` table holds the run's gallery pictures (misclassified and explained)."""
+    import wandb
+
+    from medvit import runs
+    from medvit.evaluate import case_plots
+    from medvit.train.gallery import TestGallery
+    from medvit.train.wandb_logging import MedViTWandbLogger
+
+    run_dir = tmp_path / "run3d"
+    run_dir.mkdir()
+    data = _Volumes(8)
+    data.volumes[:, 0, 3, 2, 2] = 1.0  # a bright voxel in every mid axial slice
+    target = np.array([0, 1] * 4)
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]] * 2)
+    module = SimpleNamespace(
+        test_predictions={"probs": probs, "target": target, "index": np.arange(8)},
+        hparams={"class_names": ["normal", "hyperplasia"], "task": "binary"},
+    )
+    logger = MedViTWandbLogger(
+        save_dir=str(run_dir), offline=True, project="medvit", log_predictions=True
+    )
+    gallery = TestGallery(max_cases=3)
+    trainer = SimpleNamespace(
+        is_global_zero=True,
+        loggers=[logger],
+        callbacks=[gallery],
+        log_dir=str(run_dir),
+        default_root_dir=str(run_dir),
+        test_dataloaders=[SimpleNamespace(dataset=data)],
+        datamodule=SimpleNamespace(hparams={"mean": None, "std": None}),
+        global_step=5,
+    )
+    gallery.setup(trainer, module, "test")
+    gallery.on_test_end(trainer, module)
+    # An explanation overlay, as the explanation gallery writes it.
+    overlay = runs.gallery_image_path(run_dir, "explained", "rollout_00001.png")
+    overlay.parent.mkdir(parents=True)
+    overlay.write_bytes(case_plots.case_png(np.random.default_rng(0).random((3, 8, 8))))
+    explained = {"index": 1, "true": "hyperplasia", "predicted": "hyperplasia"}
+    runs.write_gallery(
+        run_dir,
+        "explained",
+        [
+            {
+                **explained,
+                "image": "gallery/explained/rollout_00001.png",
+                "probability": 0.8,
+                "kind": "correct",
+                "method": "rollout",
+            }
+        ],
+    )
+    WandbTestMedia().on_test_end(trainer, module)
+    wandb.finish()
+
+    run = read_offline_run(run_dir)
+    (row,) = [h for h in run.history if "test/roc" in h]
+    tables = {
+        a.name: {e.path: Path(e.local_path) for e in a.manifest.contents}
+        for a in run.artifacts
+        if a.type == "run_table"
+    }
+
+    def table(key: str) -> tuple[dict, dict]:
+        (files,) = [f for name, f in tables.items() if key in name]
+        (path,) = [p for name, p in files.items() if name.endswith(".table.json")]
+        return json.loads(path.read_text()), files
+
+    # The misclassified table: every wrong case, its thumbnail the mid-slice strip.
+    wrong, files = table("misclassified")
+    assert [r[1] for r in wrong["data"]] == np.flatnonzero(probs.argmax(1) != target).tolist()
+    strip = case_plots.slices_strip(case_plots.denormalize(data[0][0]))
+    for r in wrong["data"]:
+        with Image.open(files[r[2]["path"]]) as im:
+            assert im.size == (strip.shape[1], strip.shape[0]) and im.mode == "L"
+            assert np.array_equal(np.asarray(im), strip)
+    # The gallery table: one row per gallery entry, misclassified first, with its picture.
+    assert row["test/gallery"]["_type"] == "table-file"
+    shown, files = table("gallery")
+    assert shown["columns"] == [
+        "section",
+        "kind",
+        "index",
+        "label",
+        "prediction",
+        "probability",
+        "picture",
+        "caption",
+    ]
+    gallery_files = runs.read_gallery(run_dir)
+    expected = [
+        (section, e["index"], e["true"], e["predicted"])
+        for section in ("misclassified", "explained")
+        for e in gallery_files[section]
+    ]
+    assert [(r[0], r[2], r[3], r[4]) for r in shown["data"]] == expected
+    assert len(gallery_files["misclassified"]) == 3
+    for r, (section, index, *_) in zip(shown["data"], expected, strict=True):
+        (entry,) = [e for e in gallery_files[section] if e["index"] == index]
+        with Image.open(files[r[6]["path"]]) as logged, Image.open(run_dir / entry["image"]) as own:
+            assert logged.size == own.size
+            assert np.array_equal(np.asarray(logged.convert("RGB")), np.asarray(own.convert("RGB")))

@@ -14,6 +14,7 @@ import numpy as np
 
 from medvit import runs
 from medvit.evaluate import plots
+from medvit.report.gallery import Gallery, gallery_block
 from medvit.report.run import PredictionPlots, prediction_plots, run_header
 from medvit.report.tables import (
     Cell,
@@ -45,6 +46,7 @@ class CVSection:
     plots: list[Plot]
     ensemble: Table | Note
     ensemble_predictions: PredictionPlots | None
+    gallery: Gallery | Note | None = None
     kind: str = "cv"
 
 
@@ -181,6 +183,11 @@ def cv_section(cv: CVRun, anchor: str) -> CVSection:
         )
         figs.append(plot(fig, "metric_strip", f"Test metrics per fold, {cv.label}"))
     ensemble = cv.ensemble
+    gallery = None
+    if first is not None:
+        # One fold's pictures: each fold model errs on different cases, and every fold's
+        # gallery would multiply the page's size.
+        gallery = gallery_block(first.path, f"The test cases of fold {first.label}'s model.")
     return CVSection(
         anchor=anchor,
         label=cv.label,
@@ -194,4 +201,5 @@ def cv_section(cv: CVRun, anchor: str) -> CVSection:
         ensemble_predictions=(
             prediction_plots(ensemble, "ensemble, test") if ensemble is not None else None
         ),
+        gallery=gallery,
     )

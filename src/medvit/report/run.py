@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from medvit import runs
 from medvit.evaluate import plots
+from medvit.report.gallery import Gallery, gallery_block
 from medvit.report.tables import (
     Cell,
     Note,
@@ -49,6 +50,7 @@ class RunSection:
     metrics: Table | Note
     curves: Plot | Note
     predictions: PredictionPlots | Note
+    gallery: Gallery | Note | None = None
     kind: str = "run"
 
 
@@ -209,4 +211,5 @@ def run_section(run: Run, anchor: str) -> RunSection:
         metrics=metrics_table(run),
         curves=curves,
         predictions=predictions,
+        gallery=gallery_block(run.path),
     )

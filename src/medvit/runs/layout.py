@@ -457,6 +457,8 @@ def write_gallery(run_dir: Path, section: str, entries: Sequence[Mapping[str, An
             raise ValueError(f"Gallery entry {i} of {section!r} lacks {missing}.")
         if not (run_dir / entry["image"]).is_file():
             raise ValueError(f"Gallery entry {i} of {section!r}: {entry['image']} is not a file.")
+    # An empty section (a test without mistakes) has no pictures, hence no folder yet.
+    (run_dir / GALLERY_DIR).mkdir(parents=True, exist_ok=True)
     write_json(
         run_dir / GALLERY_DIR / f"{section}.json", {"section": section, "entries": list(entries)}
     )

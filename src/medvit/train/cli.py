@@ -24,6 +24,7 @@ from medvit.data.selection import data_class_requested, data_init_args, data_lab
 from medvit.models.checkpoint import CheckpointError, is_local_file_path, load_checkpoint
 from medvit.models.module import ViTClassifier
 from medvit.train.callbacks import RunRecorder
+from medvit.train.gallery import TestGallery
 from medvit.train.progress import DEFAULT_REFRESH_RATE, LossProgressBar
 from medvit.train.tracking import WandbOptions, build_loggers
 from medvit.train.wandb_logging import WandbTestMedia
@@ -185,6 +186,7 @@ class MedViTCLI(LightningCLI):
                 "callbacks": [
                     LearningRateMonitor(logging_interval="epoch"),
                     RunRecorder(),
+                    TestGallery(),  # before WandbTestMedia, which logs its pictures
                     WandbTestMedia(),
                     CheckpointFolderFollowsRun(),
                 ]

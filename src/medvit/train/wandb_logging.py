@@ -150,19 +150,23 @@ def _wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
 
 
 def _thumbnail(image: Any, mean: Any, std: Any) -> np.ndarray:
-    """A dataset image (C, H, W), normalised, back to uint8 (H, W) or (H, W, 3)."""
-    x = np.asarray(image, dtype=np.float32)
-    c = x.shape[0]
-    m = np.broadcast_to(
-        np.asarray(mean if mean else [0.5], np.float32).reshape(-1, 1, 1), (c, 1, 1)
-    )
-    s = np.broadcast_to(np.asarray(std if std else [0.5], np.float32).reshape(-1, 1, 1), (c, 1, 1))
-    x = x * s + m
-    if x.min() < -0.05 or x.max() > 1.05:
-        # Unknown normalisation: stretch to the full range rather than clip to black/white.
-        x = (x - x.min()) / max(float(x.max() - x.min()), 1e-6)
-    x = (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
-    return x[0] if c == 1 else np.moveaxis(x, 0, -1)
+    """A dataset item, normalised, back to uint8: an image (C, H, W) as (H, W) or (H, W, 3); a
+    volume (C, D, H, W) as its mid axial, coronal and sagittal slices side by side."""
+    from medvit.evaluate.case_plots import denormalize, slices_strip, to_uint8
+
+    if hasattr(image, "detach"):  # a torch tensor
+        image = image.detach().float().cpu().numpy()
+    x = denormalize(image, mean, std)
+    return slices_strip(x) if x.ndim == 4 else to_uint8(x)
+
+
+def _run_dir(trainer: L.Trainer) -> Path:
+    """The run folder: where the run's recorder and gallery write, else the trainer's root."""
+    for callback in trainer.callbacks:
+        run_dir = getattr(callback, "run_dir", None)
+        if isinstance(run_dir, Path):
+            return run_dir
+    return Path(trainer.default_root_dir)
 
 
 class WandbTestMedia(L.Callback):
@@ -172,8 +176,12 @@ class WandbTestMedia(L.Callback):
     ``test/roc``, ``test/pr``, ``test/reliability`` (images of the :mod:`medvit.evaluate.plots` figures)
     and, for single-label tasks, ``test/confusion_matrix_table`` (wandb's interactive confusion
     matrix). When a logger has ``log_predictions`` set, also ``test/misclassified``: a table
-    with columns split, index, thumbnail, label, prediction, probabilities. Runs on global
-    rank 0 only, and does nothing without a ``WandbLogger``.
+    with columns split, index, thumbnail, label, prediction, probabilities (a volume's
+    thumbnail: its mid axial, coronal and sagittal slices side by side), and ``test/gallery``:
+    the run's gallery pictures (``gallery/*.json``: the most confident misclassified cases,
+    and explanation overlays when written), with columns section, kind, index, label,
+    prediction, probability, picture, caption. Runs on global rank 0 only, and does nothing
+    without a ``WandbLogger``. The gallery writers must run before it (earlier callbacks).
 
     Args:
         max_images: at most this many misclassified images in the table (lowest indices first).
@@ -208,13 +216,16 @@ class WandbTestMedia(L.Callback):
                 class_names=preds.class_names,
                 title="Test confusion matrix",
             )
-        table = None
+        tables = {}
         if any(getattr(lg, "log_predictions", False) for lg in loggers):
-            table = self.misclassified_table(trainer, preds)
+            tables["test/misclassified"] = self.misclassified_table(trainer, preds)
+            gallery = self.gallery_table(_run_dir(trainer))
+            if gallery is not None:
+                tables["test/gallery"] = gallery
         for logger in loggers:
             row = dict(media)
-            if table is not None and getattr(logger, "log_predictions", False):
-                row["test/misclassified"] = table
+            if getattr(logger, "log_predictions", False):
+                row.update(tables)
             row["trainer/global_step"] = trainer.global_step
             logger.experiment.log(row)
 
@@ -323,5 +334,43 @@ class WandbTestMedia(L.Callback):
                 describe(preds.target[row]),
                 describe(predicted[row]),
                 json.dumps(probs),
+            )
+        return table
+
+    def gallery_table(self, run_dir: Path) -> Any:
+        """``wandb.Table`` of a run folder's gallery pictures (``runs.read_gallery``), or None.
+
+        One row per entry of every section (``misclassified``, ``explained``), in the order the
+        gallery lists them; identified by split and index only.
+        """
+        import wandb
+
+        gallery = runs.read_gallery(run_dir)
+        rows = [(section, e) for section, entries in gallery.items() for e in entries]
+        if not rows:
+            return None
+        table = wandb.Table(
+            columns=[
+                "section",
+                "kind",
+                "index",
+                "label",
+                "prediction",
+                "probability",
+                "picture",
+                "caption",
+            ]
+        )
+        for section, entry in rows:
+            caption = str(entry.get("caption") or "")
+            table.add_data(
+                section,
+                str(entry.get("kind") or ""),
+                int(entry["index"]),
+                str(entry["true"]),
+                str(entry["predicted"]),
+                float(entry["probability"]),
+                wandb.Image(str(run_dir / entry["image"]), caption=caption or None),
+                caption,
             )
         return table
