@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medvit.export.quantize import (
+    from medvit.export.metadata import (
         DEFAULT_CALIBRATION_SAMPLES,
         DEFAULT_MAX_AUC_DROP,
         INT8_MODES,
@@ -69,13 +69,9 @@ def export(
     Returns:
         The written file.
     """
+    from medvit.export.metadata import DEFAULT_CALIBRATION_SAMPLES, DEFAULT_MAX_AUC_DROP
     from medvit.export.onnx_export import check_model, export_checkpoint, write_model
-    from medvit.export.quantize import (
-        DEFAULT_CALIBRATION_SAMPLES,
-        DEFAULT_MAX_AUC_DROP,
-        datamodule_for,
-        quantize_checked,
-    )
+    from medvit.export.quantize import datamodule_for, quantize_checked
 
     output = Path(output)
     if output.suffix != ".onnx":

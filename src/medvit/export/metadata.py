@@ -21,6 +21,12 @@ METADATA_KEY = "medvit"
 FORMAT_VERSION = 1
 #: Names of the graph's input and output.
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
+#: The int8 quantization modes (``--int8 MODE``; a bare ``--int8`` is the first).
+INT8_MODES = ("static", "dynamic")
+#: The largest test-AUC drop an int8 model may have without ``--force``.
+DEFAULT_MAX_AUC_DROP = 0.005
+#: At most this many validation images calibrate a static int8 model.
+DEFAULT_CALIBRATION_SAMPLES = 512
 #: The datamodule settings predict decodes files with (see ``decoding_for`` and the listings).
 DATA_KEYS = (
     "flag",

@@ -25,15 +25,17 @@ from typing import Any
 import numpy as np
 import onnx
 
-from medvit.export.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo, auroc, probabilities
+from medvit.export.metadata import (
+    DEFAULT_CALIBRATION_SAMPLES,
+    DEFAULT_MAX_AUC_DROP,
+    INPUT_NAME,
+    INT8_MODES,
+    OUTPUT_NAME,
+    ModelInfo,
+    auroc,
+    probabilities,
+)
 from medvit.export.onnx_export import ExportError, session, set_metadata
-
-#: The quantization modes ``--int8`` takes.
-INT8_MODES = ("static", "dynamic")
-#: The largest test-AUC drop an int8 model may have without ``--force``.
-DEFAULT_MAX_AUC_DROP = 0.005
-#: At most this many validation images calibrate a static model.
-DEFAULT_CALIBRATION_SAMPLES = 512
 
 
 class QualityGateError(ExportError):
