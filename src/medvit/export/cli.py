@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"static int8: validation images to calibrate on (default {DEFAULT_CALIBRATION_SAMPLES})",
     )
     parser.add_argument(
+        "--data_root",
+        default=None,
+        metavar="DIR",
+        help="int8: folder of the checkpoint's MedMNIST files, when not where its fit read them",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="int8: write the model even above --max_auc_drop"
     )
     return parser
@@ -61,6 +67,7 @@ def export(
     max_auc_drop: float | None = None,
     force: bool = False,
     calibration_samples: int | None = None,
+    data_root: str | None = None,
 ) -> Path:
     """Export ``ckpt_path`` to ``output`` (see :func:`build_parser` for the options).
 
@@ -84,6 +91,8 @@ def export(
 
         # Before the (slow) export: data that cannot be found fails first.
         _, data_hp = load_model(ckpt_path)
+        if data_root is not None:
+            data_hp = {**data_hp, "root": data_root}
         dm = datamodule_for(ckpt_path, data_hp)
         dm.prepare_data()
     proto, info, _ = export_checkpoint(ckpt_path)
@@ -116,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             args.max_auc_drop,
             args.force,
             args.calibration_samples,
+            args.data_root,
         )
     except ValueError as err:  # CheckpointError, ExportError, the AUC gate, data problems
         from medvit.cli import exit_with_user_error, show_tracebacks
