@@ -3,11 +3,13 @@
 Two modes (``medvit export --int8 MODE``):
 
 - ``static`` (the default of a bare ``--int8``): QDQ format, int8 weights per output channel and
-  int8 activations whose ranges are calibrated (min/max) on the checkpoint's validation split.
-  MatMul, Gemm and Conv are quantized; LayerNorm, softmax and GELU stay fp32.
+  uint8 activations whose ranges are calibrated (min/max) on the checkpoint's validation split
+  (onnxruntime's recommended U8S8 on x86). The MatMuls and Gemms with weights and the Convs are
+  quantized; LayerNorm, softmax, GELU and attention's two activation-by-activation MatMuls stay
+  fp32.
 - ``dynamic``: int8 weights per output channel, activation ranges computed per batch at run
-  time; MatMul and Gemm only (onnxruntime's integer convolution is slower than its fp32 one),
-  no calibration data.
+  time; the same MatMuls and Gemms, no Conv (onnxruntime's integer convolution is slower than
+  its fp32 one), no calibration data.
 
 The exporter measures the test split's AUC with the fp32 and the int8 model; a drop above the
 limit (default :data:`DEFAULT_MAX_AUC_DROP`) refuses to write the file unless forced.
@@ -135,6 +137,7 @@ def quantize(
             onnx.save(proto, src)
             # Shape inference and graph clean-up, as onnxruntime recommends before quantizing.
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            exclude = _activation_matmuls(onnx.load(pre))
             if mode == "dynamic":
                 quantize_dynamic(
                     pre,
@@ -142,6 +145,7 @@ def quantize(
                     per_channel=True,
                     weight_type=QuantType.QInt8,
                     op_types_to_quantize=["MatMul", "Gemm"],
+                    nodes_to_exclude=exclude,
                 )
             else:
                 quantize_static(
@@ -150,14 +154,27 @@ def quantize(
                     Reader(),
                     quant_format=QuantFormat.QDQ,
                     per_channel=True,
-                    activation_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-                    extra_options={"ActivationSymmetric": True},
+                    nodes_to_exclude=exclude,
                 )
             return onnx.load(out)
     finally:
         root.setLevel(level)
+
+
+def _activation_matmuls(proto: onnx.ModelProto) -> list[str]:
+    """Names of the MatMuls that multiply two activations (attention's ``q @ k.T`` and
+    ``attn @ v``): they stay fp32, since int8 softmax outputs lose the small attention weights
+    and these products have no weights to shrink."""
+    constants = {t.name for t in proto.graph.initializer}
+    constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    return [
+        n.name
+        for n in proto.graph.node
+        if n.op_type == "MatMul" and not any(i in constants for i in n.input)
+    ]
 
 
 def quantize_checked(
