@@ -113,7 +113,7 @@ def measure_latency(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=None, help="a medvit checkpoint (else random weights)")
     parser.add_argument("--model", default="vit_tiny_patch16_224")
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -346,3 +346,27 @@ def test_an_onnx_model_given_to_fit_or_test_is_one_clear_error(command, option, 
     line = _one_line_error(capsys, [command, option, "runs/model.int8.onnx"])
     assert "runs/model.int8.onnx is an ONNX model" in line
     assert "medvit predict --ckpt_path runs/model.int8.onnx" in line
+
+
+@pytest.mark.slow
+def test_the_deploy_benchmark_measures_every_variant(tmp_path):
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        import deploy
+    finally:
+        sys.path.remove(str(bench))
+    threads = torch.get_num_threads()
+    out = tmp_path / "deploy.json"
+    args = ["--model", "test_vit", "--img-size", "32", "--patch-size", "16", "--in-chans", "3"]
+    result = deploy.main(
+        [*args, "--batches", "1", "--threads", "1", "--repeats", "2", "--out", str(out)]
+    )
+    torch.set_num_threads(threads)  # the script sets its own
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    (latency,) = result["latency"].values()
+    assert set(latency) == set(deploy.VARIANTS) == set(result["size_bytes"])
+    assert all(v["p50_ms"] > 0 and v["n"] == 2 for v in latency.values())
+    assert result["parity_max_abs_logit_diff"] <= PARITY_ATOL
+    assert result["test_auc"] == {}  # random weights: no AUC
+    assert "| onnx int8 static |" in deploy.markdown(result)
