@@ -27,6 +27,7 @@ import argparse  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first")
     parser.add_argument("--calibration-samples", type=int, default=512)
     parser.add_argument("--out", type=Path, default=None, help="JSON file of the results")
     args = parser.parse_args(argv)
@@ -171,13 +173,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for threads in args.threads:
         for batch in args.batches:
             key = f"batch {batch}, {threads} thread{'s' if threads > 1 else ''}"
-            latency[key] = measure_latency(module, models, info, batch, threads, args.repeats)
+            latency[key] = measure_latency(
+                module, models, info, batch, threads, args.repeats, args.warmup
+            )
             print(key, json.dumps(latency[key]), flush=True)
 
     result = {
         "model": name,
         "ckpt": args.ckpt,
         "repeats": args.repeats,
+        "command": "python benchmarks/deploy.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "load_average": os.getloadavg(),
         "torch": torch.__version__,
