@@ -370,3 +370,19 @@ def test_the_deploy_benchmark_measures_every_variant(tmp_path):
     assert result["parity_max_abs_logit_diff"] <= PARITY_ATOL
     assert result["test_auc"] == {}  # random weights: no AUC
     assert "| onnx int8 static |" in deploy.markdown(result)
+
+
+@pytest.mark.slow
+def test_predict_on_onnx_reports_an_unreadable_file_in_its_row(exported, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 40), 128, np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    main(["predict", "--ckpt_path", str(exported), str(tmp_path), "-o", str(tmp_path / "p.csv")])
+    rows = _read_csv(tmp_path / "p.csv")
+    assert [Path(r["source"]).name for r in rows] == ["bad.png", "good.png"]
+    bad, good = rows
+    assert bad["error"].startswith("cannot read image") and bad["prob_malignant"] == ""
+    assert good["error"] == "" and good["prediction"] in ("malignant", "normal, benign")
+    probs = float(good["prob_malignant"]) + float(good["prob_normal, benign"])
+    assert probs == pytest.approx(1, abs=1e-5)
