@@ -22,10 +22,12 @@ from typing import Any, NoReturn
 TRAIN_COMMANDS = ("fit", "validate", "test")
 #: medvit's own commands: ``module:function`` that takes the remaining arguments.
 EXTRA_COMMANDS = {
-    "predict": "medvit.evaluate.predict:main",
+    # A checkpoint runs in medvit.evaluate.predict, an .onnx model with onnxruntime (no Lightning).
+    "predict": "medvit.export.runtime:predict_main",
     "cv": "medvit.cv:main",
     "report": "medvit.report:main",
     "cache": "medvit.data.files:cache_main",
+    "export": "medvit.export:main",
 }
 #: Set to 1 to see the traceback of a user error instead of its one line.
 DEBUG_ENV = "MEDVIT_DEBUG"
@@ -38,6 +40,7 @@ COMMAND_HELP = {
     "cv": "k-fold cross-validation of fit (one fit per fold, ensemble on test)",
     "report": "summarise run folders (or a folder of them) as one HTML page (tables, plots)",
     "cache": "list the unpacked-data caches, or delete stale ones (--prune)",
+    "export": "a checkpoint as a self-describing ONNX model (fp32, or int8 gated on test AUC)",
 }
 #: Option prefixes ``--help-short`` keeps: medvit's own groups and the essential Lightning ones.
 SHORT_HELP_OPTIONS = (
@@ -180,6 +183,17 @@ def exit_with_user_error(err: BaseException) -> NoReturn:
     raise SystemExit(2) from None
 
 
+def onnx_given_to_training(words: list[str]) -> str | None:
+    """The ``.onnx`` file given to ``fit``/``validate``/``test`` as ``--ckpt_path`` or ``-c``."""
+    for i, word in enumerate(words):
+        name, eq, value = word.partition("=")
+        if name in ("--ckpt_path", "-c", "--config"):
+            value = value if eq else (words[i + 1] if i + 1 < len(words) else "")
+            if value.lower().endswith(".onnx"):
+                return value
+    return None
+
+
 def _run_extra(command: str, args: list[str]) -> None:
     """Import ``command``'s module (only now) and run its ``main`` on ``args``."""
     module, _, function = EXTRA_COMMANDS[command].partition(":")
@@ -203,6 +217,15 @@ def main(argv: list[str] | None = None) -> None:
     if words[0] in EXTRA_COMMANDS:
         _run_extra(words[0], words[1:])
         return
+    onnx_file = onnx_given_to_training(words)
+    if onnx_file is not None:
+        exit_with_user_error(
+            ValueError(
+                f"{onnx_file} is an ONNX model (medvit export), which medvit {words[0]} cannot "
+                "train or evaluate; give the .ckpt it was exported from, or predict with it: "
+                f"medvit predict --ckpt_path {onnx_file} INPUT..."
+            )
+        )
     from medvit.train.cli import MedViTCLI
 
     try:

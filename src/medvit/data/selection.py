@@ -12,7 +12,7 @@ import yaml
 
 from medvit.runs import data_name as data_label
 
-__all__ = ["data_class_requested", "data_init_args", "data_label"]
+__all__ = ["data_class_requested", "data_init_args", "data_label", "describe_training_data"]
 
 
 def _yaml_names_data_class(path: str, top_level: bool) -> bool:
@@ -58,3 +58,19 @@ def data_init_args(data_config: Any) -> Any:
     if "class_path" in data_config:
         return data_config.get("init_args") or {}
     return data_config
+
+
+def describe_training_data(
+    name: str,
+    task: str | None,
+    class_names: list[str] | None,
+    num_classes: int | None,
+    in_chans: int | None,
+    img_size: int | None,
+) -> str:
+    """``breastmnist (binary, 2 classes: 'malignant', 'normal, benign'; 1 channel, 28 px)``."""
+    classes = f"{num_classes} classes"
+    if class_names:
+        classes += ": " + ", ".join(repr(str(n)) for n in class_names)
+    channels = f"{in_chans} channel{'s' if in_chans != 1 else ''}"
+    return f"{name} ({task}, {classes}; {channels}, {img_size} px)"

@@ -21,14 +21,11 @@ DICOM series folders, folders of them and 3D npz splits, decoded by
 from __future__ import annotations
 
 import argparse
-import csv
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from medmnist import INFO
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -39,10 +36,13 @@ from medvit.evaluate.predict_inputs import (
     COLUMN_OPTIONS,
     LISTING_SUFFIXES,
     Item,
+    check_inputs_fit_checkpoint,
     collect,
     decoding_for,
+    prediction_row,
+    window_arg,
+    write_rows,
 )
-from medvit.fileio import atomic_write
 from medvit.models.checkpoint import CheckpointError, load_checkpoint
 from medvit.models.module import ViTClassifier
 
@@ -108,70 +108,6 @@ def load_model(ckpt_path: str | Path) -> tuple[ViTClassifier, dict[str, Any]]:
             f"{' '.join(str(err).split())[:300]})."
         ) from err
     return model, data_hp
-
-
-def _label_columns(label: Any, task: str, names: list[str]) -> tuple[Any, str]:
-    """``label`` and ``label_name`` CSV values of an npz label row (blank when unknown).
-
-    Single-label tasks: the class index as an integer and its name. Multi-label: the indices of
-    the present labels and their names, each joined by ``;`` (as ``prediction`` is).
-    """
-    if label is None:
-        return "", ""
-    values = np.asarray(label).reshape(-1)
-    if task == "multilabel":
-        present = [int(k) for k in np.flatnonzero(values)]
-        return ";".join(map(str, present)), ";".join(
-            names[k] if k < len(names) else "" for k in present
-        )
-    index = int(values[0])
-    return index, names[index] if 0 <= index < len(names) else ""
-
-
-def check_inputs_fit_checkpoint(
-    ckpt_path: str | Path, data_hp: dict[str, Any], hp: Any, inputs: list[str], labels: list
-) -> None:
-    """Refuse npz inputs that are another dataset than the checkpoint's, in one line.
-
-    Predict converts every image to the checkpoint's channels and size, so only what it cannot
-    adapt is checked: an npz named after another MedMNIST set (``pneumoniamnist.npz`` for a
-    BreastMNIST checkpoint), and labels that do not fit the checkpoint's classes.
-
-    Raises:
-        ValueError: on a mismatch (``--force`` skips this check).
-    """
-    from medvit.train.cli import describe_training_data
-
-    flag = data_hp.get("flag")
-    trained = describe_training_data(
-        flag or "other data", hp.task, hp.class_names, hp.num_classes, hp.in_chans, hp.img_size
-    )
-    for spec in inputs:
-        stem = Path(spec.split(":")[0]).stem
-        name = stem.rsplit("_", 1)[0] if stem.rsplit("_", 1)[-1].isdigit() else stem
-        if spec.split(":")[0].endswith(".npz") and name in INFO and flag and name != flag:
-            raise ValueError(
-                f"checkpoint {ckpt_path} was trained on {trained} but {spec} is {name} data "
-                f"({len(INFO[name]['label'])} classes: {', '.join(INFO[name]['label'].values())}). "
-                "Give --force to predict anyway."
-            )
-    known = [np.asarray(x).reshape(-1) for x in labels if x is not None]
-    if not known:
-        return
-    if hp.task == "multilabel":
-        bad = next((x for x in known if len(x) != hp.num_classes), None)
-        problem = bad is not None and f"labels with {len(bad)} columns"
-    else:
-        top = max(int(x.max()) for x in known if len(x))
-        wide = max(len(x) for x in known)
-        problem = (wide != 1 and f"labels with {wide} columns") or (
-            top >= hp.num_classes and f"label {top}"
-        )
-    if problem:
-        raise ValueError(
-            f"checkpoint {ckpt_path} was trained on {trained} but the inputs have {problem}. "
-            "Give --force to predict anyway."
-        )
 
 
 def predict(
@@ -259,55 +195,9 @@ def predict(
         for x, errors, index in tqdm(loader, desc="predict", disable=len(loader) < 5):
             probs = model.probabilities(model(x.to(device))).float().cpu().numpy()
             for i, p, error in zip(index.tolist(), probs, errors, strict=True):
-                source = items[i].source
-                row: dict[str, Any] = {"source": source}
-                row.update({c: items[i].columns.get(c, "") for c in listed})
-                row["index"] = i
-                if error:
-                    row.update({f"prob_{n}": "" for n in names})
-                    row["prediction"] = ""
-                    print(f"medvit predict: skipped {source}: {error}", file=sys.stderr)
-                else:
-                    probs_row = zip(names, p, strict=True)
-                    row.update({f"prob_{n}": round(float(v), 6) for n, v in probs_row})
-                    if hp.task == "multilabel":
-                        row["prediction"] = ";".join(
-                            n
-                            for n, v in zip(names, p, strict=True)
-                            if v > 0.5  # as the metrics count a label
-                        )
-                    else:
-                        row["prediction"] = names[int(p.argmax())]
-                row["label"], row["label_name"] = _label_columns(labels[i], hp.task, names)
-                row["error"] = error
-                rows.append(row)
-    fields = list(rows[0])
-    if output is None:
-        writer = csv.DictWriter(sys.stdout, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    else:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(output, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"Wrote {len(rows)} predictions to {output}", file=sys.stderr)
-    failed = sum(1 for r in rows if r["error"])
-    if failed:
-        print(f"medvit predict: {failed} of {len(rows)} files could not be read", file=sys.stderr)
+                rows.append(prediction_row(items[i], i, p, error, names, hp.task, listed))
+    write_rows(rows, output)
     return rows
-
-
-def _window_arg(text: str) -> tuple[float, float]:
-    """``--window center,width`` as two floats."""
-    try:
-        center, width = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected CENTER,WIDTH (e.g. 40,400), got {text!r}"
-        ) from None
-    return center, width
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -320,7 +210,12 @@ def main(argv: list[str] | None = None) -> None:
             "checkpoint volumes: 3D NIfTI files, DICOM series folders, or a 3D npz split."
         ),
     )
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by medvit fit")
+    parser.add_argument(
+        "--ckpt_path",
+        required=True,
+        help="checkpoint written by medvit fit, or a .onnx model written by medvit export "
+        "(run with onnxruntime)",
+    )
     parser.add_argument(
         "inputs",
         nargs="+",
@@ -335,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--window",
-        type=_window_arg,
+        type=window_arg,
         default=None,
         metavar="CENTER,WIDTH",
         help="DICOM/NIfTI window in the file's units (e.g. 40,400 for CT soft tissue), instead "

@@ -10,7 +10,10 @@ those (recursively), listings of them and 3D ``.npz`` splits. No torch here.
 
 from __future__ import annotations
 
+import argparse
+import csv
 import os
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from medvit.data.readers import (
     parse_window,
     to_uint8,
 )
+from medvit.data.selection import describe_training_data
 from medvit.data.sources import DataSourceError, Table, read_csv, scan_folder
 from medvit.data.volumes import (
     is_series_folder,
@@ -38,6 +42,7 @@ from medvit.data.volumes import (
     resample,
     series_files,
 )
+from medvit.fileio import atomic_write
 
 #: Inputs read as a listing of image paths (CSV, or TSV by suffix), not as an image.
 LISTING_SUFFIXES = (".csv", ".tsv", ".tab")
@@ -369,3 +374,136 @@ def _check_dims(path: Path, spatial_dims: int) -> None:
             else "a 2D model"
         )
         raise ValueError(f"{path} is {kind}, but the checkpoint is {model}.")
+
+
+def label_columns(label: Any, task: str, names: list[str]) -> tuple[Any, str]:
+    """``label`` and ``label_name`` CSV values of an npz label row (blank when unknown).
+
+    Single-label tasks: the class index as an integer and its name. Multi-label: the indices of
+    the present labels and their names, each joined by ``;`` (as ``prediction`` is).
+    """
+    if label is None:
+        return "", ""
+    values = np.asarray(label).reshape(-1)
+    if task == "multilabel":
+        present = [int(k) for k in np.flatnonzero(values)]
+        return ";".join(map(str, present)), ";".join(
+            names[k] if k < len(names) else "" for k in present
+        )
+    index = int(values[0])
+    return index, names[index] if 0 <= index < len(names) else ""
+
+
+def check_inputs_fit_checkpoint(
+    ckpt_path: str | Path, data_hp: dict[str, Any], hp: Any, inputs: list[str], labels: list
+) -> None:
+    """Refuse npz inputs that are another dataset than the checkpoint's, in one line.
+
+    Predict converts every image to the checkpoint's channels and size, so only what it cannot
+    adapt is checked: an npz named after another MedMNIST set (``pneumoniamnist.npz`` for a
+    BreastMNIST checkpoint), and labels that do not fit the checkpoint's classes.
+
+    Raises:
+        ValueError: on a mismatch (``--force`` skips this check).
+    """
+    flag = data_hp.get("flag")
+    trained = describe_training_data(
+        flag or "other data", hp.task, hp.class_names, hp.num_classes, hp.in_chans, hp.img_size
+    )
+    for spec in inputs:
+        stem = Path(spec.split(":")[0]).stem
+        name = stem.rsplit("_", 1)[0] if stem.rsplit("_", 1)[-1].isdigit() else stem
+        if spec.split(":")[0].endswith(".npz") and name in INFO and flag and name != flag:
+            raise ValueError(
+                f"checkpoint {ckpt_path} was trained on {trained} but {spec} is {name} data "
+                f"({len(INFO[name]['label'])} classes: {', '.join(INFO[name]['label'].values())}). "
+                "Give --force to predict anyway."
+            )
+    known = [np.asarray(x).reshape(-1) for x in labels if x is not None]
+    if not known:
+        return
+    if hp.task == "multilabel":
+        bad = next((x for x in known if len(x) != hp.num_classes), None)
+        problem = bad is not None and f"labels with {len(bad)} columns"
+    else:
+        top = max(int(x.max()) for x in known if len(x))
+        wide = max(len(x) for x in known)
+        problem = (wide != 1 and f"labels with {wide} columns") or (
+            top >= hp.num_classes and f"label {top}"
+        )
+    if problem:
+        raise ValueError(
+            f"checkpoint {ckpt_path} was trained on {trained} but the inputs have {problem}. "
+            "Give --force to predict anyway."
+        )
+
+
+def prediction_row(
+    item: Item,
+    index: int,
+    probs: Any,
+    error: str,
+    names: list[str],
+    task: str,
+    listed: list[str],
+) -> dict[str, Any]:
+    """One CSV row of ``medvit predict`` (see :func:`medvit.evaluate.predict.predict`).
+
+    Shared by the checkpoint and the ONNX predictor, so both write the same columns.
+
+    Args:
+        item: the input.
+        index: its position among the inputs.
+        probs: its class probabilities (ignored when ``error``).
+        error: why it could not be read, or ``""``.
+        names: the class names.
+        task: the model's task.
+        listed: the listings' columns, in order (blank for other inputs).
+    """
+    row: dict[str, Any] = {"source": item.source}
+    row.update({c: item.columns.get(c, "") for c in listed})
+    row["index"] = index
+    if error:
+        row.update({f"prob_{n}": "" for n in names})
+        row["prediction"] = ""
+        print(f"medvit predict: skipped {item.source}: {error}", file=sys.stderr)
+    else:
+        row.update({f"prob_{n}": round(float(v), 6) for n, v in zip(names, probs, strict=True)})
+        if task == "multilabel":
+            # A label counts as present above 0.5, as the metrics count it.
+            row["prediction"] = ";".join(n for n, v in zip(names, probs, strict=True) if v > 0.5)
+        else:
+            row["prediction"] = names[int(np.argmax(probs))]
+    row["label"], row["label_name"] = label_columns(item.label, task, names)
+    row["error"] = error
+    return row
+
+
+def write_rows(rows: list[dict[str, Any]], output: str | Path | None) -> None:
+    """Write predict's rows as CSV to ``output`` (atomically), or to standard output."""
+    fields = list(rows[0])
+    if output is None:
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(output, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"Wrote {len(rows)} predictions to {output}", file=sys.stderr)
+    failed = sum(1 for r in rows if r["error"])
+    if failed:
+        print(f"medvit predict: {failed} of {len(rows)} files could not be read", file=sys.stderr)
+
+
+def window_arg(text: str) -> tuple[float, float]:
+    """``--window center,width`` as two floats."""
+    try:
+        center, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected CENTER,WIDTH (e.g. 40,400), got {text!r}"
+        ) from None
+    return center, width

@@ -20,7 +20,12 @@ from medvit import runs
 from medvit.data.arrays import ArrayDataModule
 from medvit.data.images import ImageDataModule
 from medvit.data.medmnist import MedMNISTDataModule
-from medvit.data.selection import data_class_requested, data_init_args, data_label
+from medvit.data.selection import (  # describe_training_data: still importable from here
+    data_class_requested,
+    data_init_args,
+    data_label,
+    describe_training_data,
+)
 from medvit.models.checkpoint import CheckpointError, is_local_file_path, load_checkpoint
 from medvit.models.module import ViTClassifier
 from medvit.train.callbacks import RunRecorder
@@ -32,22 +37,6 @@ from medvit.train.wandb_logging import WandbTestMedia
 RUN_DIR_ENV = "MEDVIT_RUN_DIR"
 #: The DataModules ``--data CLASS`` selects by name (imported above so jsonargparse knows them).
 DATA_CLASSES = (MedMNISTDataModule, ImageDataModule)
-
-
-def describe_training_data(
-    name: str,
-    task: str | None,
-    class_names: list[str] | None,
-    num_classes: int | None,
-    in_chans: int | None,
-    img_size: int | None,
-) -> str:
-    """``breastmnist (binary, 2 classes: 'malignant', 'normal, benign'; 1 channel, 28 px)``."""
-    classes = f"{num_classes} classes"
-    if class_names:
-        classes += ": " + ", ".join(repr(str(n)) for n in class_names)
-    channels = f"{in_chans} channel{'s' if in_chans != 1 else ''}"
-    return f"{name} ({task}, {classes}; {channels}, {img_size} px)"
 
 
 def checkpoint_data_mismatch(
