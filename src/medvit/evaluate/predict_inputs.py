@@ -167,7 +167,7 @@ def decoding_for(hp: Any, data_hp: dict[str, Any], window: Any) -> Decoding:
     window = parse_window(window if window is not None else data_hp.get("window"))
     # The model's spatial_dims is linked from the data's; a datamodule's own is None when found
     # from its items.
-    dims = int(hp.get("spatial_dims") or data_hp.get("spatial_dims") or 2)
+    dims = int(getattr(hp, "spatial_dims", None) or data_hp.get("spatial_dims") or 2)
     spacing = parse_spacing(data_hp.get("spacing")) if dims == 3 else None
     crop_pad = bool(data_hp.get("crop_pad")) and dims == 3
     channels = 1 if dims == 3 else int(in_chans)
