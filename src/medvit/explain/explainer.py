@@ -61,7 +61,7 @@ class Explainer:
         model: nn.Module,
         method: str = "grad_rollout",
         fusion: str = "mean",
-        discard_ratio: float = 0.0,
+        discard_ratio: float = 0.9,
     ) -> None:
         check_method(method, fusion, discard_ratio)
         self.net = check_explainable(model)
