@@ -18,7 +18,9 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by medvit fit")
-    p.add_argument("inputs", nargs="+", help="as medvit predict's (files, folders, file.npz[:split])")
+    p.add_argument(
+        "inputs", nargs="+", help="as medvit predict's (files, folders, file.npz[:split])"
+    )
     p.add_argument("-o", "--output", required=True, help="folder for overlays, maps and CSV")
     p.add_argument(
         "--method",

@@ -104,8 +104,10 @@ class Explainer:
 
     def _rollout(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         with torch.no_grad(), capture_attention(self.net) as attentions:
-            logits = self.net(x)
-        rel = rollout(attentions, self.num_prefix, self.fusion, self.discard_ratio, self.class_token)
+            logits = self.net(x.to(next(self.net.parameters()).dtype))
+        rel = rollout(
+            attentions, self.num_prefix, self.fusion, self.discard_ratio, self.class_token
+        )
         targets = logits.argmax(1) if targets is None else targets.to(logits.device)
         return Explanation(rel, logits.detach(), targets)
 
@@ -116,11 +118,19 @@ class Explainer:
         where = getattr(last, "norm1", last)
         hook = where.register_forward_hook(lambda _m, _a, out: tokens.append(out))
         try:
-            with torch.enable_grad(), capture_attention(self.net) as attentions:
+            # Lightning runs test hooks in inference mode, whose tensors autograd refuses:
+            # leave it, and work on clones made outside it.
+            with (
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                capture_attention(self.net) as attentions,
+            ):
                 # Gradients flow from the input, so frozen weights still get a graph; and
                 # autograd.grad leaves the parameters' .grad alone.
-                logits = self.net(x.detach().float().requires_grad_(True))
-                targets = logits.argmax(1) if targets is None else targets.to(logits.device)
+                dtype = next(self.net.parameters()).dtype
+                logits = self.net(x.clone().to(dtype).requires_grad_(True))
+                targets = logits.argmax(1) if targets is None else targets.clone()
+                targets = targets.to(logits.device)
                 score = logits.gather(1, targets.long().view(-1, 1)).sum()
                 if self.method == "gradcam":
                     (grad,) = torch.autograd.grad(score, tokens[-1])

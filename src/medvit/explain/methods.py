@@ -77,7 +77,9 @@ def rollout(
             if k:
                 low = flat.kthvalue(k, dim=1, keepdim=True).values
                 patches = a[:, :, num_prefix:]
-                a = torch.cat((a[:, :, :num_prefix], patches.masked_fill(patches <= low[..., None], 0)), -1)
+                a = torch.cat(
+                    (a[:, :, :num_prefix], patches.masked_fill(patches <= low[..., None], 0)), -1
+                )
         a = (a + eye) / 2
         a = a / a.sum(-1, keepdim=True)
         joint = a @ joint

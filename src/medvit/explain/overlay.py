@@ -61,8 +61,14 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, title: str, dpi: int = 100)
             ax.set_title(f"{label} ({name})" if name else label, fontsize=9)
     fig.suptitle(title, fontsize=10)
     # Fixed margins: tight_layout would measure every text, the slowest part of a picture.
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.7 / fig.get_figheight(),
-                        wspace=0.05, hspace=0.15)
+    fig.subplots_adjust(
+        left=0.02,
+        right=0.98,
+        bottom=0.02,
+        top=1 - 0.7 / fig.get_figheight(),
+        wspace=0.05,
+        hspace=0.15,
+    )
     return figure_to_png(fig, dpi=dpi)
 
 

@@ -56,10 +56,14 @@ def resolve_target(target: str, names: list[str], task: str) -> str | int:
 
 def npz_image_shape(spec: str) -> tuple[str, tuple[int, ...]] | None:
     """``(key, shape)`` of an ``file.npz[:split]`` input's images, read from the header only."""
-    path, _, split = spec.partition(":") if spec.endswith((":train", ":val", ":test")) else (
-        spec,
-        "",
-        "",
+    path, _, split = (
+        spec.partition(":")
+        if spec.endswith((":train", ":val", ":test"))
+        else (
+            spec,
+            "",
+            "",
+        )
     )
     if not path.endswith(".npz") or not Path(path).is_file():
         return None
@@ -145,8 +149,10 @@ def explain_dataset(
         errors = list(errors)
         truth = [labels[i] for i in index.tolist()]
         if target == "true":
-            errors = [e or ("" if t is not None else "no true label to explain") for e, t in
-                      zip(errors, truth, strict=True)]
+            errors = [
+                e or ("" if t is not None else "no true label to explain")
+                for e, t in zip(errors, truth, strict=True)
+            ]
         ok = [k for k, e in enumerate(errors) if not e]
         result = None
         if ok:

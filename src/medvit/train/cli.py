@@ -21,6 +21,7 @@ from medvit.data.arrays import ArrayDataModule
 from medvit.data.images import ImageDataModule
 from medvit.data.medmnist import MedMNISTDataModule
 from medvit.data.selection import data_class_requested, data_init_args, data_label
+from medvit.explain.gallery import ExplainedGallery
 from medvit.models.checkpoint import CheckpointError, is_local_file_path, load_checkpoint
 from medvit.models.module import ViTClassifier
 from medvit.train.callbacks import RunRecorder
@@ -178,6 +179,7 @@ class MedViTCLI(LightningCLI):
                     LearningRateMonitor(logging_interval="epoch"),
                     RunRecorder(),
                     WandbTestMedia(),
+                    ExplainedGallery(),
                     CheckpointFolderFollowsRun(),
                 ]
             },
