@@ -352,3 +352,63 @@ def test_fit_writes_the_explained_gallery(tmp_path):
         assert (entry["true"] == entry["predicted"]) == (entry["kind"] == "correct")
     listed = json.loads((run_dir / "gallery" / "explained.json").read_text())
     assert listed["section"] == "explained"
+
+
+def test_explain_help_imports_no_torch(tmp_path):
+    from test_cli_voice import _loaded_heavy_modules
+
+    assert _loaded_heavy_modules(["explain", "--help"], tmp_path) == []
+
+
+def _gallery_call(tmp_path, net: nn.Module, rank_zero: bool = True):
+    """Run ExplainedGallery.on_test_end on a stand-in trainer and module; the run folder."""
+    from types import SimpleNamespace
+
+    from medvit.explain.gallery import ExplainedGallery
+
+    dataset = [(torch.randn(1, 28, 28), 0) for _ in range(4)]
+    module = SimpleNamespace(
+        net=net,
+        device=torch.device("cpu"),
+        hparams={"task": "binary", "class_names": NAMES},
+        test_predictions={
+            "index": np.arange(4),
+            "probs": np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]]),
+            "target": np.array([0, 0, 1, 1]),
+        },
+    )
+    trainer = SimpleNamespace(
+        is_global_zero=rank_zero,
+        test_dataloaders=SimpleNamespace(dataset=dataset),
+        datamodule=None,
+        log_dir=str(tmp_path),
+        default_root_dir=str(tmp_path),
+    )
+    ExplainedGallery().on_test_end(trainer, module)
+    return tmp_path
+
+
+def test_gallery_skips_a_network_without_attention_with_one_log_line(tmp_path, caplog):
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with caplog.at_level("INFO", logger="medvit.explain.gallery"):
+        run_dir = _gallery_call(tmp_path, cnn)
+    assert [r.message for r in caplog.records] == [
+        "No attention layers in the network: no explained test-case gallery."
+    ]
+    assert not (run_dir / "gallery").exists()
+
+
+def test_gallery_is_written_on_rank_zero_only(tmp_path):
+    from medvit import runs
+
+    net = tiny_vit(num_classes=2)
+    assert not (_gallery_call(tmp_path / "r1", net, rank_zero=False)).exists()
+    run_dir = _gallery_call(tmp_path / "r0", net)
+    entries = runs.read_gallery(run_dir)["explained"]
+    assert {(e["index"], e["kind"]) for e in entries} == {
+        (0, "correct"),
+        (1, "wrong"),
+        (2, "correct"),
+        (3, "wrong"),
+    }
+    assert uses_fused_attention(net)

@@ -10,8 +10,8 @@ import timm
 import torch
 from scipy.stats import spearmanr
 
+from medvit.explain import LOCALISING, RANDOMISATION_SENSITIVE
 from medvit.explain.explainer import Explainer
-from medvit.explain.methods import LOCALISING, RANDOMISATION_SENSITIVE
 
 
 def tiny_vit(seed: int, patch_size: int = 4) -> torch.nn.Module:

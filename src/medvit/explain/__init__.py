@@ -7,3 +7,13 @@
 - :mod:`~medvit.explain.gallery`: the report's "explained" gallery, written at test time.
 - :mod:`~medvit.explain.cli`: the ``medvit explain`` command line.
 """
+
+#: The explanation methods (:mod:`~medvit.explain.methods`); names only, so no torch here.
+METHODS = ("rollout", "grad_rollout", "gradcam")
+#: What the sanity checks of tests/test_explain_sanity.py showed (README, "Explanations"):
+#: the methods whose map peaks fall on the mark that decides a synthetic set's label, and those
+#: whose maps change when the trained weights are re-initialised (Adebayo et al., 2018).
+#: Grad-CAM on ViT tokens passed each only in some setups, and claims neither.
+LOCALISING = ("rollout", "grad_rollout")
+RANDOMISATION_SENSITIVE = ("rollout", "grad_rollout")
+HEAD_FUSIONS = ("mean", "max", "min")

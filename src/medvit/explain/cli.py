@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from medvit.explain.methods import HEAD_FUSIONS, METHODS
+from medvit.explain import HEAD_FUSIONS, METHODS
 
 
 def parser() -> argparse.ArgumentParser:

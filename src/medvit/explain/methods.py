@@ -23,14 +23,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-METHODS = ("rollout", "grad_rollout", "gradcam")
-#: What the sanity checks of tests/test_explain_sanity.py showed (README, "Explanations"):
-#: the methods whose map peaks fall on the mark that decides a synthetic set's label, and those
-#: whose maps change when the trained weights are re-initialised (Adebayo et al., 2018).
-#: Grad-CAM on ViT tokens passed each only in some setups, and claims neither.
-LOCALISING = ("rollout", "grad_rollout")
-RANDOMISATION_SENSITIVE = ("rollout", "grad_rollout")
-HEAD_FUSIONS = ("mean", "max", "min")
+from medvit.explain import HEAD_FUSIONS, METHODS
+
+__all__ = ["METHODS", "fuse_heads", "grad_rollout", "gradcam", "rollout", "to_maps"]
 
 
 def fuse_heads(attn: torch.Tensor, fusion: str) -> torch.Tensor:
