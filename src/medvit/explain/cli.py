@@ -42,6 +42,12 @@ def parser() -> argparse.ArgumentParser:
         default=0.9,
         help="rollout: fraction of each layer's weakest attention dropped (default 0.9)",
     )
+    p.add_argument(
+        "--window",
+        default=None,
+        metavar="CENTER,WIDTH",
+        help="DICOM/NIfTI window in the file's units, as medvit predict's",
+    )
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
@@ -52,7 +58,16 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``medvit explain``."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    window = None
+    if args.window is not None:
+        try:
+            window = tuple(float(v) for v in args.window.split(","))
+        except ValueError:
+            window = ()
+        if len(window) != 2:
+            p.error(f"--window: expected CENTER,WIDTH (e.g. 40,400), got {args.window!r}")
     try:
         from medvit.explain.run import explain
 
@@ -65,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.batch_size,
             device=args.device,
             force=args.force,
+            window=window,
             fusion=args.fusion,
             discard_ratio=args.discard_ratio,
         )

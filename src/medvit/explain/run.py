@@ -248,7 +248,7 @@ def explain(
     """
     from medvit.data.transforms import build_transforms
     from medvit.evaluate.predict import _Inputs, check_inputs_fit_checkpoint, load_model
-    from medvit.evaluate.predict_inputs import collect, decoding_for
+    from medvit.evaluate.predict_inputs import COLUMN_OPTIONS, collect, decoding_for
 
     check_method(method, fusion, discard_ratio)
     model, data_hp = load_model(ckpt_path)
@@ -259,7 +259,8 @@ def explain(
     decoding = decoding_for(hp, data_hp, window)
     spatial_dims = int(getattr(hp, "spatial_dims", 2) or 2)
     check_npz_shapes(inputs, decoding.size, decoding.in_chans, spatial_dims)
-    items = collect(inputs, decoding, hp.task, names, force)
+    named = {k: data_hp[k] for k in COLUMN_OPTIONS if isinstance(data_hp.get(k), str)}
+    items = collect(inputs, decoding, hp.task, names, force, named)  # listings as in training
     labels = [item.label for item in items]
     if not force:
         check_inputs_fit_checkpoint(ckpt_path, data_hp, hp, inputs, labels)
