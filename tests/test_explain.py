@@ -412,3 +412,16 @@ def test_gallery_is_written_on_rank_zero_only(tmp_path):
         (3, "wrong"),
     }
     assert uses_fused_attention(net)
+
+
+def test_overlay_of_a_volume_has_a_row_per_mid_slice():
+    import io
+
+    from medvit.explain.overlay import overlay_png
+
+    flat = Image.open(
+        io.BytesIO(overlay_png(np.random.rand(1, 16, 16), np.random.rand(16, 16), "t"))
+    )
+    cube = np.random.rand(16, 16, 16)
+    volume = Image.open(io.BytesIO(overlay_png(np.random.rand(1, 16, 16, 16), cube, "t")))
+    assert volume.width == flat.width and volume.height > 2.5 * flat.height

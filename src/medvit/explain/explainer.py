@@ -80,6 +80,11 @@ class Explainer:
         )
         self.img_size = None if dynamic or img_size is None else tuple(int(s) for s in img_size)
 
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        # forward() rather than __call__: a network compiled in place (``--model.compile``)
+        # runs eagerly here, so the switched attention path and the hooks are what runs.
+        return self.net.forward(x)
+
     def check_input(self, x: torch.Tensor) -> None:
         """A one-line error for a batch of the wrong rank, channel count or size."""
         want = (self.in_chans or "C", *(self.img_size or ("...",) * len(self.grid)))
@@ -104,7 +109,7 @@ class Explainer:
 
     def _rollout(self, x: torch.Tensor, targets: torch.Tensor | None) -> Explanation:
         with torch.no_grad(), capture_attention(self.net) as attentions:
-            logits = self.net(x.to(next(self.net.parameters()).dtype))
+            logits = self._eager(x.to(next(self.net.parameters()).dtype))
         rel = rollout(
             attentions, self.num_prefix, self.fusion, self.discard_ratio, self.class_token
         )
@@ -128,7 +133,7 @@ class Explainer:
                 # Gradients flow from the input, so frozen weights still get a graph; and
                 # autograd.grad leaves the parameters' .grad alone.
                 dtype = next(self.net.parameters()).dtype
-                logits = self.net(x.clone().to(dtype).requires_grad_(True))
+                logits = self._eager(x.clone().to(dtype).requires_grad_(True))
                 targets = logits.argmax(1) if targets is None else targets.clone()
                 targets = targets.to(logits.device)
                 score = logits.gather(1, targets.long().view(-1, 1)).sum()
