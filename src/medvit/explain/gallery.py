@@ -113,7 +113,13 @@ class ExplainedGallery(L.Callback):
         indices = [int(preds["index"][p["row"]]) for p in picks]
         x = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices])
         targets = torch.tensor([p["explain"] for p in picks])
-        maps = explainer(x.to(pl_module.device), targets).maps.cpu().numpy()
+        # a few cases per class: in chunks, so that many classes and large models stay small
+        maps = np.concatenate(
+            [
+                explainer(xs.to(pl_module.device), ts).maps.cpu().numpy()
+                for xs, ts in zip(x.split(16), targets.split(16), strict=True)
+            ]
+        )
         entries = []
         for pick, index, image, heat in zip(picks, indices, x.numpy(), maps, strict=True):
             row, c = pick["row"], pick["cls"]

@@ -180,7 +180,7 @@ def explain_dataset(
                 image = display_image(x[k].numpy(), *display)
                 write_overlay(out_dir / name, image, heat[j], f"{sources[i]} [{i}]\n{title}")
                 row["overlay"] = name
-                maps[i] = heat[j]
+                maps[i] = heat[j].astype(np.float16)  # as maps.npz stores them
             else:
                 print(f"medvit explain: skipped {sources[i]}: {error}", file=sys.stderr)
             row["error"] = error
