@@ -37,6 +37,8 @@ def make_medmnist_npz(
     n_classes = len(info["label"])
     multilabel = info["task"].startswith("multi-label")
     shape = (size, size) if info["n_channels"] == 1 else (size, size, 3)
+    if flag.endswith("3d"):  # grey volumes (N, D, H, W); the squares below become slabs
+        shape = (size, size, size)
     arrays = {}
     for split, count in zip(("train", "val", "test"), n, strict=True):
         if multilabel:

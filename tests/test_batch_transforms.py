@@ -19,7 +19,8 @@ from medvit.data import batch_ops as bt
 from medvit.data.batch_ops import BatchRandom
 from medvit.data.batch_transforms import BatchAugment, RawImage, translate
 from medvit.data.medmnist import MedMNISTDataModule, SeededDistributedSampler
-from medvit.data.presets import PRESETS, HEDJitter, _alb, _mon
+from medvit.data.presets import PRESETS_2D as PRESETS  # on-device augmentation is 2D only
+from medvit.data.presets import HEDJitter, _alb, _mon
 from medvit.data.transforms import build_transforms
 
 B = 6

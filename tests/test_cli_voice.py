@@ -134,12 +134,12 @@ def test_fixed_choices_are_listed_and_checked_by_the_parser(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--data.flag=organmnist3d"], "'organmnist3d' is a 3D MedMNIST set"),
+        (["--data.flag=organmnist3d", "--data.size=128"], "size must be one of (28, 64)"),
         (["--data.flag=nosuchmnist"], "Unknown MedMNIST flag 'nosuchmnist'"),
         (["--data.positive_class=nosuch"], "positive_class 'nosuch' is not a class"),
         (["--data.download=false"], "breastmnist.npz does not exist"),
     ],
-    ids=["3d-flag", "unknown-flag", "positive-class", "missing-file"],
+    ids=["3d-size", "unknown-flag", "positive-class", "missing-file"],
 )
 def test_user_errors_are_one_line(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -152,17 +152,17 @@ def test_user_errors_are_one_line(args, message, tmp_path, capsys):
 
 def test_medvit_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDVIT_DEBUG", "1")
-    with pytest.raises(ValueError, match="3D MedMNIST set"):
-        main(["fit", "--data.flag=organmnist3d", f"--run.root={tmp_path}"])
+    with pytest.raises(ValueError, match="size must be one of"):
+        main(["fit", "--data.flag=organmnist3d", "--data.size=128", f"--run.root={tmp_path}"])
 
 
 @pytest.mark.slow
 def test_the_command_prints_one_line_or_the_traceback(tmp_path):
-    cmd = [sys.executable, "-m", "medvit", "fit", "--data.flag=organmnist3d"]
+    cmd = [sys.executable, "-m", "medvit", "fit", "--data.flag=organmnist3d", "--data.size=128"]
     env = {**os.environ, "MEDVIT_DEBUG": "0"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("medvit: error: 'organmnist3d'")
+    assert proc.stderr.strip().splitlines()[-1].startswith("medvit: error: size must be one of")
     env["MEDVIT_DEBUG"] = "1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr

@@ -98,8 +98,8 @@ def test_resize_to_model_size(synthetic_root):
 def test_unknown_and_3d_flags_and_sizes(tmp_path):
     with pytest.raises(ValueError, match="Known 2D flags"):
         MedMNISTDataModule(flag="breastmnis", root=str(tmp_path))
-    with pytest.raises(ValueError, match="3D"):
-        MedMNISTDataModule(flag="adrenalmnist3d", root=str(tmp_path))
+    with pytest.raises(ValueError, match=r"size must be one of \(28, 64\) for adrenalmnist3d"):
+        MedMNISTDataModule(flag="adrenalmnist3d", size=128, root=str(tmp_path))
     with pytest.raises(ValueError, match="size must be one of"):
         MedMNISTDataModule(flag="breastmnist", size=32, root=str(tmp_path))
     assert len(FLAGS_2D) == 12

@@ -1,7 +1,7 @@
 """What every medvit DataModule shares: splits served from memory-mapped uint8 arrays.
 
 A subclass brings its data into a folder holding ``{split}_images.npy`` (uint8, (N, H, W) grey or
-(N, H, W, 3) RGB) and ``{split}_labels.npy`` ((N, 1) class index, or (N, L) 0/1 for multi-label)
+(N, H, W, 3) RGB, or (N, D, H, W) grey volumes when ``spatial_dims`` is 3) and ``{split}_labels.npy`` ((N, 1) class index, or (N, L) 0/1 for multi-label)
 for the splits train, val and test, and says what the data are (task, class names, channels,
 augmentation preset). This base turns that into Lightning's datasets and loaders, the same way
 for every source: CV folds (``folds_file``/``fold``/``repeat``), per-image or batched
@@ -64,7 +64,8 @@ class ArrayDataModule(L.LightningDataModule):
     ``num_workers``, ``in_chans``, ``img_size``, ``size``, ``augment_on``, ``mean``, ``std``,
     ``folds_file``, ``fold``, ``repeat`` and ``pin_memory``, then :meth:`_init_arrays`, and
     implement ``task``, ``class_names``, :meth:`_native_channels`, :meth:`_preset`,
-    :meth:`_default_positive_class` and :meth:`_arrays_folder`.
+    :meth:`_default_positive_class` and :meth:`_arrays_folder`; volume data also override
+    :meth:`_native_spatial_dims`.
     """
 
     #: What a message calls the data when it has no better name (a subclass sets its own).
@@ -94,6 +95,10 @@ class ArrayDataModule(L.LightningDataModule):
     def _native_channels(self) -> int:  # pragma: no cover - abstract
         """Channels of the arrays (1 grey, 3 RGB)."""
         raise NotImplementedError
+
+    def _native_spatial_dims(self) -> int:
+        """2 for images, 3 for volumes (what the cached arrays hold); images unless overridden."""
+        return 2
 
     def _preset(self) -> Preset:  # pragma: no cover - abstract
         """The augmentation preset to train with."""
@@ -142,7 +147,21 @@ class ArrayDataModule(L.LightningDataModule):
 
     @property
     def img_size(self) -> int:
+        """Side length fed to the model (of the square image, or of the cube for volumes)."""
         return self.hparams.img_size or self.hparams.size
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images (B, C, H, W), 3 for volumes (B, C, D, H, W); the CLI links it to the model."""
+        return self._native_spatial_dims()
+
+    def _check_augment_on(self) -> None:
+        """Refuse on-device augmentation of volumes in one line naming the option."""
+        if self.hparams.augment_on == "device" and self.spatial_dims == 3:
+            raise ValueError(
+                f"augment_on='device' batches 2D ops only, and {self.dataset_name} holds 3D "
+                "volumes: use --data.augment_on workers (the 3D presets run in the workers)."
+            )
 
     # ----------------------------------------------------------------------------- lifecycle
     def setup(self, stage: str | None = None) -> None:
@@ -154,6 +173,7 @@ class ArrayDataModule(L.LightningDataModule):
                 f"number of devices ({world}); pick a multiple of {world}."
             )
         self.batch_size_per_device = self.hparams.global_batch_size // world
+        self._check_augment_on()
         if self._folder is None:
             self._folder = self._arrays_folder()
         multilabel = self.task == "multilabel"
@@ -163,7 +183,13 @@ class ArrayDataModule(L.LightningDataModule):
 
         def make(train: bool):
             return build_transforms(
-                preset, self.img_size, train=train, in_chans=self.in_chans, mean=mean, std=std
+                preset,
+                self.img_size,
+                train=train,
+                in_chans=self.in_chans,
+                mean=mean,
+                std=std,
+                spatial_dims=self.spatial_dims,
             )
 
         n = self._split_sizes

@@ -55,7 +55,7 @@ from medvit.data.batch_ops import (
     per_sample,
     rot90,
 )
-from medvit.data.presets import PRESET_OPS, HEDJitter, OpSpec, Preset
+from medvit.data.presets import PRESET_OPS, PRESETS_3D, HEDJitter, OpSpec, Preset
 from medvit.data.transforms import Channels, check_output_args, validate_image
 
 __all__ = [
@@ -454,4 +454,9 @@ def build_batch_transforms(
         ValueError: On an unknown preset, a preset op without a batched version, or bad sizes,
             channels or statistics.
     """
+    if preset in PRESETS_3D:
+        raise ValueError(
+            f"preset {preset!r} is for 3D volumes, which augment_on='device' does not batch: "
+            "use --data.augment_on workers."
+        )
     return RawImage(in_chans), BatchAugment(preset, img_size, in_chans, mean, std)

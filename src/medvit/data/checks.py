@@ -37,6 +37,7 @@ def check_arrays(
     info: Mapping[str, Any],
     task: str,
     official_sizes: bool,
+    spatial_dims: int = 2,
 ) -> None:
     """Refuse a file whose shapes, dtypes or labels do not fit ``flag``, naming the key.
 
@@ -47,10 +48,13 @@ def check_arrays(
         info: the flag's ``medmnist.INFO`` entry (channels, labels, split sizes).
         task: ``binary``, ``multiclass``, ``multilabel`` or ``ordinal``.
         official_sizes: also insist on the official number of samples per split.
+        spatial_dims: 3 for a set of volumes: images are then grey cubes (N, size, size, size).
     """
     channels = info["n_channels"]
     num_classes = len(info["label"])
     expected_img = (size, size) if channels == 1 else (size, size, 3)
+    if spatial_dims == 3:
+        expected_img = (size, size, size)
     n_labels = num_classes if task == "multilabel" else 1
     for split in SPLITS:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]

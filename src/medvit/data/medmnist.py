@@ -1,4 +1,4 @@
-"""LightningDataModule for every 2D MedMNIST v2 / MedMNIST+ set, with the official splits."""
+"""LightningDataModule for every MedMNIST v2 / MedMNIST+ set (2D and 3D), with the official splits."""
 
 from __future__ import annotations
 
@@ -33,8 +33,10 @@ __all__ = [
     "MedMNISTSplit",
     "SeededDistributedSampler",
     "FLAGS_2D",
+    "FLAGS_3D",
     "POSITIVE_CLASS",
     "SIZES",
+    "SIZES_3D",
     "TASKS",
     "AugmentOn",
     "MedMNISTDataModule",
@@ -45,6 +47,8 @@ __all__ = [
 #: Image sizes MedMNIST publishes each 2D set at.
 Size = Literal[28, 64, 128, 224]
 SIZES: tuple[int, ...] = get_args(Size)
+#: Cube sides MedMNIST publishes each 3D set at.
+SIZES_3D: tuple[int, ...] = (28, 64)
 TASKS = {
     "binary-class": "binary",
     "multi-class": "multiclass",
@@ -52,6 +56,8 @@ TASKS = {
     "ordinal-regression": "ordinal",
 }
 FLAGS_2D = tuple(flag for flag in INFO if not flag.endswith("3d"))
+#: The 3D sets: grey volumes (N, D, H, W), D = H = W = size.
+FLAGS_3D = tuple(flag for flag in INFO if flag.endswith("3d"))
 # The positive class of each binary set: the finding a clinician screens for, so sensitivity is
 # its detection rate. MedMNIST's own label order puts it at 0 for BreastMNIST (0 malignant,
 # 1 normal/benign) and at 1 for PneumoniaMNIST (0 normal, 1 pneumonia).
@@ -64,17 +70,19 @@ def default_root() -> str:
 
 
 class MedMNISTDataModule(ArrayDataModule):
-    """A 2D MedMNIST dataset with its official train/val/test splits.
+    """A MedMNIST dataset (2D images or 3D volumes) with its official train/val/test splits.
 
-    Metadata (task, class names, channels, split sizes, URLs, MD5) comes from ``medmnist.INFO``.
+    A 3D flag (``FLAGS_3D``, e.g. ``adrenalmnist3d``) gives grey volumes: samples are
+    (C, D, H, W) tensors, ``spatial_dims`` is 3 and ``img_size`` is the cube's side; the flag's
+    3D augmentation preset runs in the workers. Metadata (task, class names, channels, split sizes, URLs, MD5) comes from ``medmnist.INFO``.
     Files are ``{root}/{flag}.npz`` (28 px) or ``{root}/{flag}_{size}.npz``; they are downloaded
     only in :meth:`prepare_data`, MD5-checked, and unpacked once into memory-mappable ``.npy``
     files under ``cache_dir``. Model selection uses the validation split; the test split is only
     read by ``test`` and ``predict``.
 
     Args:
-        flag: MedMNIST flag, e.g. ``"breastmnist"`` (2D sets only).
-        size: image size of the file to use: 28, 64, 128 or 224.
+        flag: MedMNIST flag, e.g. ``"breastmnist"`` or ``"adrenalmnist3d"``.
+        size: image size of the file to use: 28, 64, 128 or 224 (3D sets: 28 or 64).
         root: folder holding (or receiving) the ``.npz`` files. Defaults to the
             ``MEDVIT_DATA_DIR`` environment variable, else ``data``.
         global_batch_size: batch size summed over all devices; each device gets
@@ -134,14 +142,13 @@ class MedMNISTDataModule(ArrayDataModule):
     ) -> None:
         super().__init__()
         if flag not in INFO:
-            raise ValueError(f"Unknown MedMNIST flag '{flag}'. Known 2D flags: {list(FLAGS_2D)}.")
-        if flag not in FLAGS_2D:
             raise ValueError(
-                f"'{flag}' is a 3D MedMNIST set; MedMNISTDataModule handles the 2D sets "
-                f"{list(FLAGS_2D)}."
+                f"Unknown MedMNIST flag '{flag}'. Known 2D flags: {list(FLAGS_2D)}; "
+                f"3D flags: {list(FLAGS_3D)}."
             )
-        if size not in SIZES:
-            raise ValueError(f"size must be one of {SIZES}, got {size}.")
+        sizes = SIZES_3D if flag in FLAGS_3D else SIZES
+        if size not in sizes:
+            raise ValueError(f"size must be one of {sizes} for {flag}, got {size}.")
         check_common_args(global_batch_size, num_workers, in_chans, augment_on, folds_file, fold)
         info = INFO[flag]
         if in_chans == 1 and info["n_channels"] == 3:
@@ -150,6 +157,7 @@ class MedMNISTDataModule(ArrayDataModule):
         self.info = info
         self.root = Path(root if root is not None else default_root())
         self._init_arrays(positive_class)
+        self._check_augment_on()
 
     # ----------------------------------------------------------------- metadata for the model
     @property
@@ -170,6 +178,9 @@ class MedMNISTDataModule(ArrayDataModule):
 
     def _native_channels(self) -> int:
         return self.info["n_channels"]
+
+    def _native_spatial_dims(self) -> int:
+        return 3 if self.hparams.flag in FLAGS_3D else 2
 
     def _preset(self) -> Preset:
         return self.hparams.augmentation or preset_for_flag(self.hparams.flag)
@@ -250,7 +261,14 @@ class MedMNISTDataModule(ArrayDataModule):
         arrays = open_arrays(folder, path)
         official = self.hparams.verify_md5
         check_arrays(
-            arrays, path, self.hparams.flag, self.hparams.size, self.info, self.task, official
+            arrays,
+            path,
+            self.hparams.flag,
+            self.hparams.size,
+            self.info,
+            self.task,
+            official,
+            spatial_dims=self.spatial_dims,
         )
         check_split_sizes(
             arrays, path, self.task, self.class_names, warn_missing=self.hparams.folds_file is None

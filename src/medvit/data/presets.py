@@ -8,6 +8,10 @@ on both paths.
 
 Also here: ``MODALITY_BY_FLAG`` (the preset of each MedMNIST flag) and the H&E stain matrices
 with :class:`HEDJitter`, the stain op the histopathology preset uses.
+
+The 3D presets (one per MedMNIST 3D flag, ``PRESETS_3D``) are MONAI array ops on float32
+(C, D, H, W) volumes in [0, 1]; :class:`~medvit.data.transforms3d.MedTransform3D` runs them in
+the workers. The batched on-device path is 2D only (see ``batch_transforms``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ __all__ = [
     "HE_FROM_RGB",
     "MODALITY_BY_FLAG",
     "PRESETS",
+    "PRESETS_2D",
+    "PRESETS_3D",
     "PRESET_OPS",
     "RGB_FROM_HE",
     "RGB_FROM_HED",
@@ -33,6 +39,7 @@ __all__ = [
     "OpSpec",
     "Preset",
     "preset_for_flag",
+    "preset_spatial_dims",
 ]
 
 #: The augmentation presets; ``"none"`` only resizes and normalises.
@@ -46,8 +53,19 @@ Preset = Literal[
     "ct",
     "oct",
     "microscopy",
+    # 3D volumes (C, D, H, W): one per MedMNIST 3D flag.
+    "organ3d",
+    "nodule3d",
+    "adrenal3d",
+    "fracture3d",
+    "vessel3d",
+    "synapse3d",
 ]
 PRESETS: tuple[str, ...] = get_args(Preset)
+#: The presets for volumes; ``"none"`` serves images and volumes alike.
+PRESETS_3D: tuple[str, ...] = tuple(p for p in PRESETS if p.endswith("3d"))
+#: The presets for 2D images (including ``"none"``).
+PRESETS_2D: tuple[str, ...] = tuple(p for p in PRESETS if p not in PRESETS_3D)
 
 #: The preset of each MedMNIST 2D flag, by imaging modality.
 MODALITY_BY_FLAG: dict[str, Preset] = {
@@ -65,22 +83,35 @@ MODALITY_BY_FLAG: dict[str, Preset] = {
     "organamnist": "ct",
     "organcmnist": "ct",
     "organsmnist": "ct",
+    "organmnist3d": "organ3d",
+    "nodulemnist3d": "nodule3d",
+    "adrenalmnist3d": "adrenal3d",
+    "fracturemnist3d": "fracture3d",
+    "vesselmnist3d": "vessel3d",
+    "synapsemnist3d": "synapse3d",
 }
 
 
+def preset_spatial_dims(preset: str) -> int | None:
+    """3 for a volume preset, 2 for an image preset, ``None`` for ``"none"`` (either)."""
+    if preset == "none":
+        return None
+    return 3 if preset in PRESETS_3D else 2
+
+
 def preset_for_flag(flag: str) -> Preset:
-    """Return the augmentation preset for a MedMNIST 2D dataset flag such as ``"pathmnist"``.
+    """Return the augmentation preset for a MedMNIST dataset flag such as ``"pathmnist"``.
 
     Args:
         flag: MedMNIST dataset flag (case-insensitive).
 
     Raises:
-        ValueError: If the flag is not a known MedMNIST 2D flag.
+        ValueError: If the flag is not a known MedMNIST flag.
     """
     key = flag.strip().lower() if isinstance(flag, str) else flag
     if key not in MODALITY_BY_FLAG:
         raise ValueError(
-            f"Unknown MedMNIST 2D flag {flag!r}; known flags: {', '.join(MODALITY_BY_FLAG)}."
+            f"Unknown MedMNIST flag {flag!r}; known flags: {', '.join(MODALITY_BY_FLAG)}."
         )
     return MODALITY_BY_FLAG[key]
 
@@ -195,6 +226,53 @@ def _alb(cls: Callable[..., Any], colour: bool = False, **kwargs: Any) -> OpSpec
 def _mon(cls: Callable[..., Any], **kwargs: Any) -> OpSpec:
     """A MONAI op of the table."""
     return OpSpec("monai", cls, kwargs)
+
+
+# ------------------------------------------------------------------------------ 3D volumes
+# Spatial axes of a MedMNIST 3D volume (C, D, H, W): 0 = D (slices, cranio-caudal for the CT
+# sets), 1 = H (rows, anterior-posterior), 2 = W (columns, left-right). MedMNIST 3D volumes are
+# 28^3 or 64^3, so geometry stays mild: a 1-voxel shift at 28^3 is 3.6%.
+_LEFT_RIGHT = 2
+
+
+def _affine3d(rotate_deg: float, p: float, scale: float = 0.1, shift: float = 0.05) -> OpSpec:
+    # Radians about each axis; translate_range is in voxels at 28^3 (1.4 = 5%).
+    rad = float(np.deg2rad(rotate_deg))
+    return _mon(
+        mt.RandAffine,
+        prob=p,
+        rotate_range=(rad, rad, rad),
+        scale_range=(scale, scale, scale),
+        translate_range=(28 * shift,) * 3,
+        padding_mode="zeros",
+    )
+
+
+def _flips3d(axes: tuple[int, ...]) -> tuple[OpSpec, ...]:
+    # One op per axis, each with its own coin: RandFlip(spatial_axis=[0, 1]) flips both at once.
+    return tuple(_mon(mt.RandFlip, prob=0.5, spatial_axis=axis) for axis in axes)
+
+
+def _intensity3d(noise: float = 0.02, p: float = 0.3) -> tuple[OpSpec, ...]:
+    # Window level/width jitter (scale, shift), gamma contrast and quantum noise, as in 2D "ct".
+    return (
+        _mon(mt.RandScaleIntensity, factors=0.1, prob=p),
+        _mon(mt.RandShiftIntensity, offsets=0.05, prob=p),
+        _mon(mt.RandAdjustContrast, prob=p, gamma=(0.85, 1.15)),
+        _mon(mt.RandGaussianNoise, prob=0.2, std=noise),
+    )
+
+
+def _elastic3d(p: float) -> OpSpec:
+    # Smooth deformation of ~1 voxel mean (<= ~3 voxels) at 28^3: a plausible shape variation
+    # of a segmented organ or vessel, measured on a coordinate ramp.
+    return _mon(
+        mt.Rand3DElastic,
+        sigma_range=(2.0, 3.0),
+        magnitude_range=(20.0, 40.0),
+        prob=p,
+        padding_mode="zeros",
+    )
 
 
 def _radiology_affine(p: float) -> OpSpec:
@@ -340,4 +418,28 @@ PRESET_OPS: dict[Preset, tuple[OpSpec, ...]] = {
         _mon(mt.RandGaussianNoise, prob=0.2, std=0.02),
         _mon(mt.RandGaussianSmooth, sigma_x=(0.25, 0.6), sigma_y=(0.25, 0.6), prob=0.1),
     ),
+    # ---- 3D volumes (MONAI only, float (C, D, H, W) in [0, 1]).
+    # Abdominal CT with left/right organ classes (kidney, femur, lung): never flip.
+    "organ3d": (_affine3d(10, p=0.7), *_intensity3d()),
+    # Lung nodule crops: malignancy has no orientation, so every axis may flip.
+    "nodule3d": (*_flips3d((0, 1, 2)), _affine3d(15, p=0.7), *_intensity3d()),
+    # Adrenal gland shape masks: the label (hyperplasia) does not depend on the side, but the
+    # body's up/down and front/back do shape the gland: left-right flips only; elastic shape.
+    "adrenal3d": (
+        *_flips3d((_LEFT_RIGHT,)),
+        _affine3d(10, p=0.7),
+        _elastic3d(p=0.3),
+        *_intensity3d(p=0.2),
+    ),
+    # Rib fractures: the fracture type does not depend on the side; no up/down flip.
+    "fracture3d": (*_flips3d((_LEFT_RIGHT,)), _affine3d(10, p=0.7), *_intensity3d()),
+    # Vessel segments (MRA shapes): no canonical orientation; elastic shape variation.
+    "vessel3d": (
+        *_flips3d((0, 1, 2)),
+        _affine3d(20, p=0.7),
+        _elastic3d(p=0.3),
+        *_intensity3d(p=0.2),
+    ),
+    # Electron-microscopy synapse crops: no canonical orientation.
+    "synapse3d": (*_flips3d((0, 1, 2)), _affine3d(20, p=0.7), *_intensity3d()),
 }

@@ -27,10 +27,13 @@ from medvit.data.presets import (
     MODALITY_BY_FLAG,
     PRESET_OPS,
     PRESETS,
+    PRESETS_2D,
+    PRESETS_3D,
     HEDJitter,
     OpSpec,
     Preset,
     preset_for_flag,
+    preset_spatial_dims,
 )
 
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
 Channels = Literal[1, 3]
 
 _MIN_IMG_SIZE = 8
+PRESETS_BY_DIMS = {2: PRESETS_2D, 3: PRESETS_3D}
 _SEED_BOUND = 2**32  # MONAI's MAX_SEED; keeps default seeds valid for every backend
 
 
@@ -118,6 +122,9 @@ class MedTransform:
             there are random ops), so ``torch.manual_seed`` makes construction reproducible.
     """
 
+    #: 2 for images; :class:`~medvit.data.transforms3d.MedTransform3D` transforms volumes.
+    spatial_dims = 2
+
     def __init__(
         self,
         preset: Preset,
@@ -129,6 +136,12 @@ class MedTransform:
         seed: int | None = None,
     ) -> None:
         self._mean, self._inv_std = check_output_args(preset, img_size, in_chans, mean, std)
+        if preset_spatial_dims(preset) not in (None, self.spatial_dims):
+            kind = "3D volumes" if self.spatial_dims == 2 else "2D images"
+            raise ValueError(
+                f"preset {preset!r} is for {kind}, but this transform gets "
+                f"{self.spatial_dims}D input; pick one of {PRESETS_BY_DIMS[self.spatial_dims]}."
+            )
         self.preset = preset
         self.train = bool(train)
         self.img_size = int(img_size)
@@ -316,16 +329,29 @@ def _current_worker_key() -> tuple[int, int] | None:
 
 
 def build_transforms(
-    preset: Preset, img_size: int, train: bool, *args: Any, **kwargs: Any
+    preset: Preset,
+    img_size: int,
+    train: bool,
+    *args: Any,
+    spatial_dims: int | None = None,
+    **kwargs: Any,
 ) -> MedTransform:
     """Build the image transform for a modality preset, like timm's ``create_transform``.
 
     The arguments are :class:`MedTransform`'s (then ``in_chans``, ``mean``, ``std``, ``seed``);
     ``train=False`` gives the deterministic eval transform (resize and normalise
-    only), and ``preset_for_flag`` maps a MedMNIST flag to a preset.
+    only), and ``preset_for_flag`` maps a MedMNIST flag to a preset. ``spatial_dims`` (2 or 3;
+    ``None``: the preset's) picks :class:`MedTransform` for images or
+    :class:`~medvit.data.transforms3d.MedTransform3D` for volumes ((D, H, W) -> (C, D, H, W)).
 
     Raises:
-        ValueError: On an unknown preset, ``img_size < 8``, ``in_chans`` not in (1, 3), or
-            malformed ``mean``/``std``.
+        ValueError: On an unknown preset, ``img_size < 8``, ``in_chans`` not in (1, 3),
+            malformed ``mean``/``std``, or a preset made for the other ``spatial_dims``.
     """
+    if spatial_dims is None:
+        spatial_dims = preset_spatial_dims(preset) or 2
+    if spatial_dims == 3:
+        from medvit.data.transforms3d import MedTransform3D
+
+        return MedTransform3D(preset, img_size, train, *args, **kwargs)
     return MedTransform(preset, img_size, train, *args, **kwargs)

@@ -20,6 +20,7 @@ from medvit.models.metrics import (
     operating_threshold,
 )
 from medvit.models.vit import create_vit
+from medvit.models.vit3d import create_vit3d
 
 
 class ViTClassifier(L.LightningModule):
@@ -33,7 +34,7 @@ class ViTClassifier(L.LightningModule):
     Args:
         num_classes: classes, or labels for a multi-label task.
         in_chans: input channels (1 or 3).
-        img_size: input side length in pixels.
+        img_size: input side length in pixels (the cube's side for volumes).
         task: ``binary``, ``multiclass``, ``multilabel`` or ``ordinal``. Binary uses two logits
             with softmax; multi-label uses one sigmoid per label.
         class_names: names written next to predicted probabilities.
@@ -47,9 +48,12 @@ class ViTClassifier(L.LightningModule):
             al. 2017: the NLL-optimal T, probabilities softmax(logits / T)) after each
             validation epoch. Test metrics, predictions and exports then use it; validation
             metrics and model selection do not. Accuracy is unchanged.
+        spatial_dims: 2 for images (B, C, H, W), 3 for volumes (B, C, D, H, W): a timm ViT with
+            a 3D patch embedding (:mod:`medvit.models.vit3d`). The CLI links it from the data.
         model_name: any timm ViT, e.g. ``vit_tiny_patch16_224`` or
             ``vit_small_patch16_224.augreg_in21k`` (a pretrained tag).
-        patch_size: patch side in pixels; ``None`` keeps the model's.
+        patch_size: patch side in pixels; ``None`` keeps the model's (3D: follows the cube's
+            side, 4 for 28^3 and 8 for 64^3).
         pos_embed: ``auto`` (fixed 2D sin-cos from scratch, the pretrained table when
             fine-tuning), ``learn`` (timm's learned embedding) or ``sincos``.
         pretrained: ``False``, ``True`` (timm/hub weights of ``model_name``, needs internet) or
@@ -83,6 +87,7 @@ class ViTClassifier(L.LightningModule):
         positive_class: int = 1,
         target_sensitivity: float | None = None,
         temperature_scaling: bool = False,
+        spatial_dims: Literal[2, 3] = 2,
         model_name: str = "vit_tiny_patch16_224",
         patch_size: int | None = 4,
         pos_embed: Literal["auto", "learn", "sincos"] = "auto",
@@ -123,8 +128,10 @@ class ViTClassifier(L.LightningModule):
             raise ValueError(f"positive_class of a binary task is 0 or 1, got {positive_class}.")
         if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
             raise ValueError(f"target_sensitivity must lie in (0, 1], got {target_sensitivity}.")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         self.save_hyperparameters()
-        self.net = create_vit(
+        self.net = (create_vit3d if spatial_dims == 3 else create_vit)(
             model_name,
             num_classes=num_classes,
             in_chans=in_chans,

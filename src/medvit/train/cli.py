@@ -65,6 +65,14 @@ def checkpoint_data_mismatch(
     saved = (hp.get("task"), hp.get("num_classes"), hp.get("in_chans"), hp.get("img_size"))
     saved_names = list(hp["class_names"]) if hp.get("class_names") else None
     wanted = (data.task, data.num_classes, data.in_chans, data.img_size)
+    dims = (hp.get("spatial_dims", 2), getattr(data, "spatial_dims", 2))
+    if dims[0] != dims[1]:
+        kind = {2: "2D images", 3: "3D volumes"}
+        return (
+            f"checkpoint {ckpt_path} is a model of {kind.get(dims[0], dims[0])} but the data "
+            f"are {kind.get(dims[1], dims[1])}: a {dims[0]}D model cannot read them. Use data "
+            "of the kind it was trained on (-c <run>/config.yaml)."
+        )
     if saved == wanted and (saved_names is None or saved_names == list(data.class_names)):
         return None
     data_hp = ckpt.get("datamodule_hyper_parameters") or {}
@@ -210,7 +218,7 @@ class MedViTCLI(LightningCLI):
             parser.set_defaults(
                 {"data": {"class_path": f"{MedMNISTDataModule.__module__}.MedMNISTDataModule"}}
             )
-        for key in ("num_classes", "in_chans", "img_size", "task", "class_names"):
+        for key in ("num_classes", "in_chans", "img_size", "task", "class_names", "spatial_dims"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
         parser.link_arguments("data.positive_index", "model.positive_class", apply_on="instantiate")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
