@@ -131,6 +131,18 @@ def test_rollouts_equal_the_full_matrix_products_of_their_papers():
     torch.testing.assert_close(rollout(attns, 0, "max", class_token=False), joint.mean(1))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_maps_of_medvits_3d_vit(method):
+    from medvit.models.vit3d import create_vit3d
+
+    torch.manual_seed(0)
+    net = create_vit3d(num_classes=2, img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)
+    assert tuple(net.patch_embed.grid_size) == (4, 4, 4)
+    maps = Explainer(net.eval(), method)(torch.randn(2, 1, 16, 16, 16)).maps
+    assert maps.shape == (2, 16, 16, 16) and maps.min() >= 0 and maps.max() <= 1
+    assert uses_fused_attention(net)
+
+
 def test_prefix_tokens_are_left_out_and_patches_read_row_major():
     # A relevance of one patch token lands on that patch's pixels, whatever the prefix.
     from medvit.explain.methods import to_maps
@@ -425,3 +437,17 @@ def test_overlay_of_a_volume_has_a_row_per_mid_slice():
     cube = np.random.rand(16, 16, 16)
     volume = Image.open(io.BytesIO(overlay_png(np.random.rand(1, 16, 16, 16), cube, "t")))
     assert volume.width == flat.width and volume.height > 2.5 * flat.height
+
+
+@pytest.mark.slow
+def test_a_3d_fit_writes_the_explained_gallery_of_volumes(synthetic_root, short_trainer, tmp_path):
+    from medvit import runs
+
+    root = synthetic_root("adrenalmnist3d", 28, n=(16, 8, 12))
+    run_dir = tmp_path / "run"
+    main(["fit", "--data.flag=adrenalmnist3d", f"--data.root={root}", f"--run.dir={run_dir}"]
+         + short_trainer(1, batch_size=4))  # fmt: skip
+    entries = runs.read_gallery(run_dir)["explained"]
+    assert entries and all(e["method"] == "grad_rollout" for e in entries)
+    with Image.open(run_dir / entries[0]["image"]) as picture:
+        assert picture.height > 2 * picture.width / 3  # three rows: axial, coronal, sagittal
