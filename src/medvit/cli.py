@@ -28,6 +28,7 @@ EXTRA_COMMANDS = {
     "report": "medvit.report:main",
     "cache": "medvit.data.files:cache_main",
     "export": "medvit.export:main",
+    "explain": "medvit.explain.cli:main",
 }
 #: Set to 1 to see the traceback of a user error instead of its one line.
 DEBUG_ENV = "MEDVIT_DEBUG"
@@ -41,6 +42,7 @@ COMMAND_HELP = {
     "report": "summarise run folders (or a folder of them) as one HTML page (tables, plots)",
     "cache": "list the unpacked-data caches, or delete stale ones (--prune)",
     "export": "a checkpoint as a self-describing ONNX model (fp32, or int8 gated on test AUC)",
+    "explain": "heat maps of where the model looked (attention rollout, Grad-CAM) as overlays",
 }
 #: Option prefixes ``--help-short`` keeps: medvit's own groups and the essential Lightning ones.
 SHORT_HELP_OPTIONS = (

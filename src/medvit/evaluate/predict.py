@@ -120,6 +120,7 @@ def predict(
     window: tuple[float, float] | None = None,
     columns: dict[str, str | None] | None = None,
     num_workers: int = 0,
+    explain: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Predict class probabilities with a medvit checkpoint and write them as CSV.
 
@@ -144,6 +145,8 @@ def predict(
             not given is the one the checkpoint's datamodule used, else ``path``, ``label``,
             ``patient_id``, ``split``. Only the path column must exist.
         num_workers: DataLoader processes decoding files (0: in this process).
+        explain: a folder for one overlay per input (:mod:`medvit.explain`, its default
+            method, for the predicted class), ``maps.npz`` and ``explained.csv``.
 
     Returns:
         One dict per image: ``source`` (the path as given; relative to the listing for a
@@ -161,6 +164,11 @@ def predict(
     ckpt_path = Path(ckpt_path)
     model, data_hp = load_model(ckpt_path)
     hp = model.hparams
+    explainer = None
+    if explain is not None:  # a network without attention is refused before any work
+        from medvit.explain.explainer import Explainer
+
+        explainer = Explainer(model)
     decoding = decoding_for(hp, data_hp, window)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,6 +205,14 @@ def predict(
             for i, p, error in zip(index.tolist(), probs, errors, strict=True):
                 rows.append(prediction_row(items[i], i, p, error, names, hp.task, listed))
     write_rows(rows, output)
+    if explainer is not None:
+        from medvit.explain.run import explain_dataset
+
+        sources, shown = [item.source for item in items], (data_hp.get("mean"), data_hp.get("std"))
+        explain_dataset(
+            explainer, loader.dataset, sources, labels, names, explain, "predicted",
+            model.probabilities, shown, batch_size, device, hp.task,
+        )  # fmt: skip
     return rows
 
 
@@ -245,6 +261,13 @@ def main(argv: list[str] | None = None) -> None:
             f"else '{default}')",
         )
     parser.add_argument(
+        "--explain",
+        default=None,
+        metavar="DIR",
+        help="also write one overlay per input (where the model looked) into DIR "
+        "(medvit explain's default method; medvit explain has the options)",
+    )
+    parser.add_argument(
         "--force",
         action="store_true",
         help="predict even when an npz input is another dataset than the checkpoint's, or a "
@@ -262,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
             args.window,
             {option: getattr(args, option) for option in COLUMN_OPTIONS},
             args.num_workers,
+            args.explain,
         )
     except ValueError as err:  # CheckpointError included: a user problem, not a bug
         from medvit.cli import exit_with_user_error, show_tracebacks

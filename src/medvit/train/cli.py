@@ -26,6 +26,7 @@ from medvit.data.selection import (  # describe_training_data: still importable 
     data_label,
     describe_training_data,
 )
+from medvit.explain.gallery import ExplainedGallery
 from medvit.models.checkpoint import CheckpointError, is_local_file_path, load_checkpoint
 from medvit.models.module import ViTClassifier
 from medvit.train.callbacks import RunRecorder
@@ -175,7 +176,8 @@ class MedViTCLI(LightningCLI):
                 "callbacks": [
                     LearningRateMonitor(logging_interval="epoch"),
                     RunRecorder(),
-                    TestGallery(),  # before WandbTestMedia, which logs its pictures
+                    TestGallery(),  # these two before WandbTestMedia, which logs their pictures
+                    ExplainedGallery(),
                     WandbTestMedia(),
                     CheckpointFolderFollowsRun(),
                 ]
