@@ -26,6 +26,7 @@ EXTRA_COMMANDS = {
     "cv": "medvit.cv:main",
     "report": "medvit.report:main",
     "cache": "medvit.data.files:cache_main",
+    "distill": "medvit.train.cli:distill_main",
 }
 #: Set to 1 to see the traceback of a user error instead of its one line.
 DEBUG_ENV = "MEDVIT_DEBUG"
@@ -38,6 +39,7 @@ COMMAND_HELP = {
     "cv": "k-fold cross-validation of fit (one fit per fold, ensemble on test)",
     "report": "summarise run folders (or a folder of them) as one HTML page (tables, plots)",
     "cache": "list the unpacked-data caches, or delete stale ones (--prune)",
+    "distill": "fit a student that also learns from a teacher checkpoint (--teacher CKPT)",
 }
 #: Option prefixes ``--help-short`` keeps: medvit's own groups and the essential Lightning ones.
 SHORT_HELP_OPTIONS = (

@@ -165,6 +165,9 @@ class RunRecorder(L.Callback):
         summary = getattr(trainer.lightning_module, "pretrained_summary", None)
         if stage == "fit" and summary is not None:
             meta["pretrained_weights"] = summary  # what the weight file gave (models/vit.py)
+        teacher = getattr(trainer.lightning_module, "teacher_info", None)
+        if stage == "fit" and teacher is not None:
+            meta["teacher"] = teacher  # distillation: which teacher, its metrics, its cost
         if not started:
             meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             meta["duration_s"] = round(meta.get("duration_s", 0.0) + time.time() - self._t0, 1)
