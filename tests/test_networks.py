@@ -57,7 +57,9 @@ def test_a_cnn_loads_a_local_weight_file_and_adapts_channels_and_head(tmp_path: 
 
 def test_a_weight_file_of_another_architecture_is_refused(tmp_path: Path):
     path = tmp_path / "resnet34.pth"
-    torch.save(create_network("resnet34", num_classes=2, in_chans=1, img_size=28).state_dict(), path)
+    torch.save(
+        create_network("resnet34", num_classes=2, in_chans=1, img_size=28).state_dict(), path
+    )
     with pytest.raises(ValueError, match="resnet18"):
         create_network("resnet18", num_classes=2, in_chans=1, img_size=28, pretrained=path)
 

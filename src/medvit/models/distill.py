@@ -167,7 +167,9 @@ def read_teacher_checkpoint(path: str | os.PathLike, expected: dict[str, Any]) -
         )
     problems = teacher_problems(hp, expected)
     if problems:
-        raise CheckpointError(f"teacher {str(path)!r} does not fit the data: " + "; ".join(problems))
+        raise CheckpointError(
+            f"teacher {str(path)!r} does not fit the data: " + "; ".join(problems)
+        )
     return ckpt
 
 

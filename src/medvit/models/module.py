@@ -14,13 +14,13 @@ from timm.optim import create_optimizer_v2
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.aggregation import CatMetric
 
+from medvit.models.distill import Teacher, check_distill_args, distillation_loss
 from medvit.models.metrics import (
     TASKS,
     build_metrics,
     operating_point_metrics,
     operating_threshold,
 )
-from medvit.models.distill import Teacher, check_distill_args, distillation_loss
 from medvit.models.networks import create_network
 
 

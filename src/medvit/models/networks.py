@@ -217,7 +217,6 @@ def _skeleton(model_name: str, kwargs: dict[str, Any], img_size: int) -> torch.n
             ) from None
 
 
-
 def _check_input_size(
     skeleton: torch.nn.Module, model_name: str, in_chans: int, img_size: int
 ) -> None:
