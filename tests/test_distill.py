@@ -253,3 +253,35 @@ def test_distill_on_real_breastmnist_records_its_teacher(real_data: Path, tmp_pa
         + [f"--run.dir={test_dir}", f"--data.cache_dir={tmp_path / 'cache'}"]
     )
     assert "auroc" in runs.read_metrics(test_dir)["test"]
+
+
+def test_cv_distils_each_fold_from_the_same_fold_of_the_teacher_cv(
+    synthetic_root, monkeypatch, tmp_path: Path
+):
+    from test_cv import FakeFit, _config
+
+    from medvit import cv
+    from medvit.cv import runner
+
+    root = synthetic_root("breastmnist", n=(40, 12, 16))
+    monkeypatch.setattr(runner, "resolve_fit_config", lambda args: _config(root))
+    teacher_cv, student_cv = tmp_path / "teacher_cv", tmp_path / "student_cv"
+    monkeypatch.setattr(runner, "launch", FakeFit())
+    assert runner.run_cv(["--cv-dir", str(teacher_cv), "--folds", "2"]) == 0
+    best = {n: teacher_cv / "runs" / n / "checkpoints" / "best.ckpt" for n in ("r0-f0", "r0-f1")}
+    best["r0-f1"].write_bytes(b"ckpt")
+    args = ["--folds", "2", "--teacher-cv", str(teacher_cv)]
+    with pytest.raises(ValueError, match="fold r0-f0 has no teacher checkpoint"):
+        runner.run_cv(["--cv-dir", str(student_cv), *args])
+    best["r0-f0"].write_bytes(b"ckpt")
+    with pytest.raises(ValueError, match="other folds than this CV"):
+        runner.run_cv(["--cv-dir", str(student_cv), *args, "--seed", "1"])
+    # Only the lock file: no folds or config written before the teacher check.
+    assert not (student_cv / "cv_config.json").exists() and not (student_cv / "folds.csv").exists()
+    fit = FakeFit()
+    monkeypatch.setattr(runner, "launch", fit)
+    assert runner.run_cv(["--cv-dir", str(student_cv), *args]) == 0
+    teachers = {c["run"]: c["cmd"][c["cmd"].index("--model.teacher") + 1] for c in fit.calls}
+    assert teachers == {n: str(p.resolve()) for n, p in best.items()}
+    with pytest.raises(SystemExit):
+        cv.parse_args([*args, "--model.teacher", "x.ckpt"])
