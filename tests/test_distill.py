@@ -285,3 +285,32 @@ def test_cv_distils_each_fold_from_the_same_fold_of_the_teacher_cv(
     assert teachers == {n: str(p.resolve()) for n, p in best.items()}
     with pytest.raises(SystemExit):
         cv.parse_args([*args, "--model.teacher", "x.ckpt"])
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_distill_under_ddp_loads_the_teacher_on_each_rank(synthetic_root, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    root = synthetic_root("breastmnist", n=(32, 16, 16))
+    teacher = save_teacher(
+        ViTClassifier(**{**DATA, "class_names": ["malignant", "normal, benign"]}, **TEACHER),
+        tmp_path / "teacher",
+    )
+    run_dir = tmp_path / "student"
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo / "src"), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "medvit", "distill", f"--data.root={root}"]
+    cmd += [f"--run.dir={run_dir}", "--teacher", str(teacher), "--trainer.accelerator=cpu"]
+    cmd += ["--trainer.devices=2", "--trainer.strategy=ddp", "--model.drop_path_rate=0"]
+    cmd += short_trainer_args(1, train_batches=2, val_batches=1)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((run_dir / runs.META_FILE).read_text())
+    assert meta["world_size"] == 2 and meta["teacher"]["checkpoint"] == str(teacher.resolve())
+    # Each rank ran its own teacher on its own half of every batch.
+    assert meta["teacher"]["ms_per_step"] > 0
+    assert "auroc" in runs.read_metrics(run_dir)["test"]
