@@ -122,6 +122,7 @@ def test_the_teacher_stays_frozen_in_eval_and_sees_the_students_batches(tmp_path
     info = student.teacher_info
     assert info["checkpoint"] == str(path.resolve()) and info["ms_per_step"] > 0
     assert info["model_name"] == "lcnet_035" and info["test_metrics"] == {"auroc": 0.9}
+    assert info["setting"]["model_name"] == "lcnet_035" and info["setting"]["img_size"] == 28
 
 
 @pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")

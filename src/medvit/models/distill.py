@@ -180,6 +180,12 @@ def teacher_record(path: str | os.PathLike, hp: dict[str, Any]) -> dict[str, Any
         "checkpoint": str(path),
         "model_name": hp.get("model_name"),
         "pretrained": hp.get("pretrained"),
+        # The teacher's own settings (its hyper-parameters, plain values only).
+        "setting": {
+            k: v
+            for k, v in hp.items()
+            if not k.startswith("_") and (v is None or isinstance(v, (str, int, float, bool)))
+        },
     }
     run_dir = runs.run_dir_of_checkpoint(path)
     if run_dir is not None:
