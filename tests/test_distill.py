@@ -138,6 +138,22 @@ def test_the_teacher_sees_the_same_augmented_batch(tmp_path: Path):
     assert inputs["student"] is x and inputs["teacher"] is x
 
 
+def test_a_teacher_normalised_otherwise_gets_its_own_normalisation(tmp_path: Path):
+    # e.g. a pretrained teacher trained on ImageNet statistics, a student on 0.5 / 0.5.
+    path = save_teacher(ViTClassifier(**DATA, **TEACHER), tmp_path / "teacher")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["datamodule_hyper_parameters"] = {"mean": [0.2], "std": [0.3]}
+    torch.save(ckpt, path)
+    student = ViTClassifier(**DATA, **STUDENT, teacher=str(path))
+    student.setup("fit")
+    seen = {}
+    student.teacher.net.register_forward_hook(lambda m, a, o: seen.__setitem__("x", a[0]))
+    pixels = torch.rand(2, 1, 28, 28)
+    student.teacher((pixels - 0.5) / 0.5)  # the student's batch
+    torch.testing.assert_close(seen["x"], (pixels - 0.2) / 0.3)
+    assert student.teacher.record["input_renormalised"] is True
+
+
 def test_a_deit_student_averages_its_two_heads_at_evaluation(tmp_path: Path):
     path = save_teacher(ViTClassifier(**DATA, **TEACHER), tmp_path / "teacher")
     student = ViTClassifier(

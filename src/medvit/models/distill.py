@@ -197,25 +197,57 @@ def teacher_record(path: str | os.PathLike, hp: dict[str, Any]) -> dict[str, Any
     return record
 
 
+def normalisation(data_hp: dict[str, Any] | None) -> tuple[list[float], list[float]]:
+    """``(mean, std)`` a data module with these hyper-parameters normalises with (its default:
+    0.5, 0.5; a pretrained model's own statistics when ``medvit fit`` set them)."""
+    data_hp = data_hp or {}
+    return list(data_hp.get("mean") or [0.5]), list(data_hp.get("std") or [0.5])
+
+
 class Teacher:
     """A frozen teacher network in eval mode, with its cost per training step measured.
 
     A plain object, not an ``nn.Module``: assigned to a LightningModule attribute it stays out
     of the student's modules, state dict, optimiser and ``train()`` calls.
+
+    When the teacher was trained on differently normalised inputs (e.g. a pretrained CNN
+    teacher with ImageNet statistics, a student from scratch with 0.5/0.5), the student's batch
+    is mapped back to pixels and normalised the teacher's way before the teacher sees it.
     """
 
-    def __init__(self, net: torch.nn.Module, record: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        record: dict[str, Any],
+        student_norm: tuple[list[float], list[float]] | None = None,
+        teacher_norm: tuple[list[float], list[float]] | None = None,
+    ) -> None:
         self.net = net.eval().requires_grad_(False)
         self.record = record
+        # x_teacher = x * scale + shift = ((x * std_s + mean_s) - mean_t) / std_t, per channel.
+        self._affine = None
+        if student_norm is not None and teacher_norm is not None and student_norm != teacher_norm:
+            (mean_s, std_s), (mean_t, std_t) = (
+                [torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in pair]
+                for pair in (student_norm, teacher_norm)
+            )
+            self._affine = (std_s / std_t, (mean_s - mean_t) / std_t)
+        record["input_renormalised"] = self._affine is not None
         self.seconds = 0.0
         self.steps = 0
         self._events: list[tuple[Any, Any]] = []
         self._device = torch.device("cpu")
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, expected: dict[str, Any]) -> Teacher:
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        expected: dict[str, Any],
+        student_norm: tuple[list[float], list[float]] | None = None,
+    ) -> Teacher:
         """Load the teacher of ``path`` (checked against ``expected``, see
-        :func:`read_teacher_checkpoint`)."""
+        :func:`read_teacher_checkpoint`); ``student_norm`` is the student data's ``(mean,
+        std)`` (default 0.5, 0.5)."""
         # Imported here: module.py imports this file.
         from medvit.models.module import ViTClassifier
 
@@ -238,13 +270,17 @@ class Teacher:
                 f"teacher {str(path)!r} does not fit its own configuration (missing: "
                 f"{missing[:3]}, unexpected: {unexpected[:3]}); was it written by another medvit?"
             )
-        return cls(module.net, teacher_record(path, hp))
+        teacher_norm = normalisation(ckpt.get("datamodule_hyper_parameters"))
+        student_norm = student_norm or normalisation(None)
+        return cls(module.net, teacher_record(path, hp), student_norm, teacher_norm)
 
     @classmethod
-    def for_student(cls, hp: Any) -> Teacher:
-        """The teacher named by a student's hyper-parameters, checked against its data."""
+    def for_student(cls, hp: Any, data_hp: dict[str, Any] | None = None) -> Teacher:
+        """The teacher named by a student's hyper-parameters, checked against its data (whose
+        hyper-parameters ``data_hp`` give the normalisation)."""
         expected = {k: hp[k] for k in ("num_classes", "task", "in_chans", "img_size")}
-        return cls.from_checkpoint(hp["teacher"], {**expected, "class_names": hp["class_names"]})
+        expected["class_names"] = hp["class_names"]
+        return cls.from_checkpoint(hp["teacher"], expected, normalisation(data_hp))
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,6 +290,10 @@ class Teacher:
         if self._device != x.device:  # follows the student (moved by Lightning after setup)
             self.net.to(x.device)
             self._device = x.device
+            if self._affine is not None:
+                self._affine = tuple(t.to(x.device) for t in self._affine)
+        if self._affine is not None:
+            x = x * self._affine[0] + self._affine[1]
         if x.device.type == "cuda":
             # Events: no host sync in the training loop; read at the epoch's end.
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

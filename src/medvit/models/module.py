@@ -257,7 +257,9 @@ class ViTClassifier(L.LightningModule):
                 weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
             self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
         if stage == "fit" and self.hparams.teacher and self.teacher is None:
-            self.teacher = Teacher.for_student(self.hparams)  # on every DDP rank
+            # The data's normalisation, if a data module is attached (0.5/0.5 otherwise).
+            data = getattr(self._trainer, "datamodule", None)
+            self.teacher = Teacher.for_student(self.hparams, getattr(data, "hparams", None))
             if hasattr(self.net, "set_distilled_training"):
                 self.net.set_distilled_training(True)  # training returns (cls, dist) logits
         if self.hparams.compile and stage == "fit":
