@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -486,6 +487,11 @@ def distill_main(argv: list[str] | None = None) -> None:
         )
     if teacher is not None:
         args += ["--model.teacher", teacher]
+    if any(w in ("-h", "--help") for w in args):
+        print("medvit distill [fit options] --teacher CKPT: medvit fit with --model.teacher CKPT.")
+    # sys.argv stays as it is (Lightning's DDP launcher restarts it in each rank), so the CLI
+    # gets both: its warning about that is expected here.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:
         MedViTCLI(args=["fit", *args])
     except (ValueError, FileNotFoundError) as err:
