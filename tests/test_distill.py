@@ -331,3 +331,12 @@ def test_distill_under_ddp_loads_the_teacher_on_each_rank(synthetic_root, tmp_pa
     # Each rank ran its own teacher on its own half of every batch.
     assert meta["teacher"]["ms_per_step"] > 0
     assert "auroc" in runs.read_metrics(run_dir)["test"]
+
+
+def test_freeze_then_unfreeze_keeps_both_deit_heads_trainable():
+    from medvit.train.callbacks import ViTFinetuning
+
+    student = ViTClassifier(**DATA, **STUDENT, model_name="deit_tiny_distilled_patch16_224")
+    backbone = ViTFinetuning._backbone(student)
+    assert student.net.head not in backbone and student.net.head_dist not in backbone
+    assert student.net.blocks in backbone

@@ -254,8 +254,10 @@ class ViTFinetuning(BaseFinetuning):
     @staticmethod
     def _backbone(pl_module: L.LightningModule) -> list[torch.nn.Module]:
         net = pl_module.net
-        head = net.get_classifier()
-        return [m for m in net.children() if m is not head]
+        # A distilled DeiT has two heads (class and distillation): both are heads.
+        heads = net.get_classifier()
+        heads = heads if isinstance(heads, tuple) else (heads,)
+        return [m for m in net.children() if not any(m is h for h in heads)]
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         if self.unfreeze_at_epoch > 0:
