@@ -112,3 +112,24 @@ def test_offline_efficientnet_lite0_weights_map_onto_timm_by_order(tmp_path: Pat
         convert.map_by_order({"a.weight": torch.zeros(2)}, {"b.bias": torch.Size([2])})
     with pytest.raises(SystemExit, match="does not match"):
         convert.map_by_order({"a.weight": torch.zeros(2)}, {"b.weight": torch.Size([3])})
+
+
+def test_medvit_fit_with_an_unknown_model_is_one_line(synthetic_root, tmp_path, capsys):
+    from conftest import short_trainer_args
+
+    from medvit.cli import main
+
+    root = synthetic_root("breastmnist")
+    with pytest.raises(SystemExit) as stop:
+        main(
+            [
+                "fit",
+                f"--data.root={root}",
+                f"--run.root={tmp_path / 'runs'}",
+                "--model.model_name=resnet81",
+                *short_trainer_args(1),
+            ]
+        )
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medvit: error: Unknown timm model 'resnet81'") and err.count("\n") == 1
