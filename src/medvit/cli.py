@@ -29,6 +29,7 @@ EXTRA_COMMANDS = {
     "cache": "medvit.data.files:cache_main",
     "export": "medvit.export:main",
     "explain": "medvit.explain.cli:main",
+    "distill": "medvit.train.cli:distill_main",
 }
 #: Set to 1 to see the traceback of a user error instead of its one line.
 DEBUG_ENV = "MEDVIT_DEBUG"
@@ -43,6 +44,7 @@ COMMAND_HELP = {
     "cache": "list the unpacked-data caches, or delete stale ones (--prune)",
     "export": "a checkpoint as a self-describing ONNX model (fp32, or int8 gated on test AUC)",
     "explain": "heat maps of where the model looked (attention rollout, Grad-CAM) as overlays",
+    "distill": "fit a student that also learns from a teacher checkpoint (--teacher CKPT)",
 }
 #: Option prefixes ``--help-short`` keeps: medvit's own groups and the essential Lightning ones.
 SHORT_HELP_OPTIONS = (

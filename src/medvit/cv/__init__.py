@@ -119,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cv-dir", default=None, help="CV directory (default cv_runs/<experiment>)"
     )
+    parser.add_argument(
+        "--teacher-cv",
+        "--teacher_cv",
+        dest="teacher_cv",
+        default=None,
+        metavar="DIR",
+        help="distil each fold from the same fold of this teacher CV (same folds; its "
+        "runs/<fold>/checkpoints/best.ckpt), so no teacher saw its student's validation fold",
+    )
     return parser
 
 
@@ -130,6 +139,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         key = arg.split("=", 1)[0].replace("--data.init_args.", "--data.", 1)
         if key in RESERVED_ARGS:
             parser.error(f"{key} is set by medvit cv for each fold; leave it out.")
+    if args.teacher_cv and any(a.split("=", 1)[0] == "--model.teacher" for a in fit_args):
+        parser.error("--teacher-cv gives each fold its teacher; leave out --model.teacher.")
     if fit_args and fit_args[0] == "fit":
         parser.error("write `medvit cv -c CONFIG ...`, without the word `fit`.")
     return args, fit_args

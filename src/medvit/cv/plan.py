@@ -237,3 +237,28 @@ def plan_folds(
         pool.labels, k, seed, repeats, groups=groups, multilabel=pool.multilabel
     )
     return FoldPlan(pool, folds, groups, k)
+
+
+def fold_teachers(teacher_cv: Path, plan: FoldPlan, folds_sha256: str) -> dict[str, Path]:
+    """Each fold's teacher: ``best.ckpt`` of the same fold of the CV in ``teacher_cv``.
+
+    Raises:
+        ValueError: ``teacher_cv`` is not a CV folder, its folds differ from these (a teacher
+            would have trained on its student's validation samples), or a fold lacks its
+            checkpoint.
+    """
+    if not (teacher_cv / runs.CV_CONFIG).is_file():
+        raise ValueError(f"--teacher-cv {teacher_cv}: no {runs.CV_CONFIG}; not a medvit cv folder.")
+    if runs.read_cv_config(teacher_cv).get("folds_sha256") != folds_sha256:
+        raise ValueError(
+            f"--teacher-cv {teacher_cv} has other folds than this CV (data, --folds, --seed, "
+            "--repeats, --pool or --group-by differ): a teacher would have trained on its "
+            "student's validation fold. Use the same CV options as the teacher's."
+        )
+    teachers = {}
+    for job in plan.runs:
+        path = runs.fold_run_dir(teacher_cv, job.name) / runs.CHECKPOINT_DIR / "best.ckpt"
+        if not path.is_file():
+            raise ValueError(f"--teacher-cv: fold {job.name} has no teacher checkpoint {path}.")
+        teachers[job.name] = path.resolve()
+    return teachers

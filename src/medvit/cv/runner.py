@@ -32,6 +32,7 @@ from medvit.cv.foldproc import PARENT_ENV
 from medvit.cv.plan import (
     FoldPlan,
     FoldRun,
+    fold_teachers,
     groups_fingerprint,
     load_groups,
     load_pool,
@@ -315,6 +316,7 @@ def fold_command(
     wandb_group: str,
     repeats: int,
     resume: bool,
+    teacher: Path | None = None,
 ) -> list[str]:
     """The ``python -m medvit.cv.foldproc fit`` command of one fold (``medvit fit`` that dies
     with this process)."""
@@ -325,6 +327,8 @@ def fold_command(
     cmd += ["--wandb.group", wandb_group, "--wandb.job_type", "fold", "--wandb.name", name]
     if resume:
         cmd += ["--ckpt_path", str(runs.last_checkpoint(run_dir))]
+    if teacher is not None:
+        cmd += ["--model.teacher", str(teacher)]
     return cmd
 
 
@@ -423,6 +427,10 @@ def _run_locked(
     plan = plan_folds(pool, args.folds, args.seed, args.repeats, groups)
     folds_text = plan.csv_text()
     cv_config = _cv_config(args, argv, fit_args, config, experiment, plan, folds_text)
+    teachers = {}
+    if getattr(args, "teacher_cv", None):  # checked before the CV folder is written
+        teachers = fold_teachers(Path(args.teacher_cv), plan, cv_config["folds_sha256"])
+        cv_config["teacher_cv"] = str(Path(args.teacher_cv).resolve())
     prepare_cv_dir(cv_dir, cv_config, folds_text)
     folds_file = cv_dir / runs.FOLDS_FILE
     wandb_config = config.get("wandb") or {}
@@ -448,7 +456,9 @@ def _run_locked(
         n_val = plan.n_val(job)
         what = "resuming from checkpoints/last.ckpt" if resume else "training"
         print(f"{tag} {what} ({n_pool - n_val} train / {n_val} val)... log: {log_path}", flush=True)
-        cmd = fold_command(fit_args, job, folds_file, run_dir, group, args.repeats, resume)
+        cmd = fold_command(
+            fit_args, job, folds_file, run_dir, group, args.repeats, resume, teachers.get(job.name)
+        )
         t0 = time.time()
         code = launch(cmd, log_path)
         took = f"{time.time() - t0:.0f}s"

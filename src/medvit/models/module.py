@@ -1,4 +1,5 @@
-"""The LightningModule: a timm ViT with a task-aware loss, optimiser, schedule and metrics."""
+"""The LightningModule: any timm network (a ViT by default) with a task-aware loss, optimiser,
+schedule, metrics and optional distillation from a teacher."""
 
 from __future__ import annotations
 
@@ -13,18 +14,23 @@ from timm.optim import create_optimizer_v2
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.aggregation import CatMetric
 
+from medvit.models.distill import Teacher, check_distill_args, distillation_loss
 from medvit.models.metrics import (
     TASKS,
     build_metrics,
     operating_point_metrics,
     operating_threshold,
 )
-from medvit.models.vit import create_vit
-from medvit.models.vit3d import create_vit3d
+from medvit.models.networks import create_network
 
 
 class ViTClassifier(L.LightningModule):
-    """Fine-tune or train a timm Vision Transformer for medical image classification.
+    """Fine-tune or train a timm network for medical image classification.
+
+    The network is any timm model (:func:`medvit.models.networks.create_network`): a ViT by
+    default, or a CNN such as ``resnet18`` (``configs/model/resnet18_teacher.yaml``). The class
+    keeps its historical name (saved configs and checkpoints name it); ``Classifier`` is the
+    same class.
 
     ``num_classes``, ``in_chans``, ``img_size`` and ``task`` describe the data and have no
     default; the CLI links them (and ``class_names``, ``positive_class``) from the DataModule.
@@ -50,12 +56,15 @@ class ViTClassifier(L.LightningModule):
             metrics and model selection do not. Accuracy is unchanged.
         spatial_dims: 2 for images (B, C, H, W), 3 for volumes (B, C, D, H, W): a timm ViT with
             a 3D patch embedding (:mod:`medvit.models.vit3d`). The CLI links it from the data.
-        model_name: any timm ViT, e.g. ``vit_tiny_patch16_224`` or
-            ``vit_small_patch16_224.augreg_in21k`` (a pretrained tag).
-        patch_size: patch side in pixels; ``None`` keeps the model's (3D: follows the cube's
-            side, 4 for 28^3 and 8 for 64^3).
-        pos_embed: ``auto`` (fixed 2D sin-cos from scratch, the pretrained table when
-            fine-tuning), ``learn`` (timm's learned embedding) or ``sincos``.
+        model_name: any timm model, e.g. ``vit_tiny_patch16_224``,
+            ``vit_small_patch16_224.augreg_in21k`` (a pretrained tag), ``resnet18`` or a
+            distilled DeiT (``deit_tiny_distilled_patch16_224``, see ``teacher``). Volumes
+            (``spatial_dims=3``) take ViTs only.
+        patch_size: ViTs: patch side in pixels; ``None`` keeps the model's (3D: follows the
+            cube's side, 4 for 28^3 and 8 for 64^3). Ignored by non-ViT networks.
+        pos_embed: ViTs: ``auto`` (fixed sin-cos from scratch, the pretrained table when
+            fine-tuning), ``learn`` (timm's learned embedding) or ``sincos``. Ignored by
+            non-ViT networks.
         pretrained: ``False``, ``True`` (timm/hub weights of ``model_name``, needs internet) or
             a local ``.safetensors``/``.pth`` file. Position embeddings, patch embedding and
             input channels are adapted and the head is replaced when sizes differ.
@@ -75,6 +84,14 @@ class ViTClassifier(L.LightningModule):
             class; for multi-label tasks these are BCE ``pos_weight`` values.
         fused_optimizer: fused AdamW kernel; ``None`` uses it on CUDA only.
         compile: wrap the network in ``torch.compile`` (helps on GPU, not on CPU).
+        teacher: a medvit checkpoint of the same data to distil from during ``fit``
+            (:mod:`medvit.models.distill`); ``None`` trains on the labels alone. A student with
+            a distillation token (a distilled DeiT) learns the teacher with its second head and
+            predicts the average of both heads; any other student learns both with its head.
+        distill_type: ``hard`` (the teacher's decision, DeiT's choice) or ``soft`` (its
+            probabilities at ``distill_temperature``).
+        distill_alpha: weight of the teacher term; ``1 - distill_alpha`` weighs the labels.
+        distill_temperature: softmax temperature of the soft kind.
     """
 
     def __init__(
@@ -104,6 +121,10 @@ class ViTClassifier(L.LightningModule):
         class_weights: Literal["balanced"] | list[float] | None = None,
         fused_optimizer: bool | None = None,
         compile: bool = False,
+        teacher: str | None = None,
+        distill_type: Literal["hard", "soft"] = "hard",
+        distill_alpha: float = 0.5,
+        distill_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -130,9 +151,11 @@ class ViTClassifier(L.LightningModule):
             raise ValueError(f"target_sensitivity must lie in (0, 1], got {target_sensitivity}.")
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        check_distill_args(teacher, distill_type, distill_alpha, distill_temperature)
         self.save_hyperparameters()
-        self.net = (create_vit3d if spatial_dims == 3 else create_vit)(
+        self.net = create_network(
             model_name,
+            spatial_dims=spatial_dims,
             num_classes=num_classes,
             in_chans=in_chans,
             img_size=img_size,
@@ -143,6 +166,8 @@ class ViTClassifier(L.LightningModule):
             pretrained=pretrained,
             replace_pretrained_pos_embed=replace_pretrained_pos_embed,
         )
+        # Loaded in setup("fit") only; a plain object, so not one of this module's modules.
+        self.teacher: Teacher | None = None
         # What the weight file gave (loaded / adapted / new tensors); RunRecorder puts it in
         # meta.json. None without pretrained weights.
         self.pretrained_summary = getattr(self.net, "pretrained_summary", None)
@@ -238,10 +263,21 @@ class ViTClassifier(L.LightningModule):
             else:
                 weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
             self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        if stage == "fit" and self.hparams.teacher and self.teacher is None:
+            # The data's normalisation, if a data module is attached (0.5/0.5 otherwise).
+            data = getattr(self._trainer, "datamodule", None)
+            self.teacher = Teacher.for_student(self.hparams, getattr(data, "hparams", None))
+            if hasattr(self.net, "set_distilled_training"):
+                self.net.set_distilled_training(True)  # training returns (cls, dist) logits
         if self.hparams.compile and stage == "fit":
             # In place: state_dict keys stay "net.*" (test/predict load the checkpoint
             # uncompiled), and a second fit does not wrap the network twice.
             self.net.compile()
+
+    @property
+    def teacher_info(self) -> dict[str, Any] | None:
+        """The teacher's record and cost for ``meta.json`` (``None`` without a teacher)."""
+        return self.teacher.info() if self.teacher is not None else None
 
     def on_train_start(self) -> None:
         # The sanity check ran validation on a few batches; its values must not count as "best".
@@ -250,6 +286,8 @@ class ViTClassifier(L.LightningModule):
         self.val_auroc_best.reset()
 
     def on_train_epoch_end(self) -> None:
+        if self.teacher is not None and self.teacher.steps:
+            self.log("train/teacher_ms_per_step", self.teacher.ms_per_step())
         # One host read per epoch instead of one per step (see train_loss above).
         if not self.train_loss.update_called:
             return
@@ -262,7 +300,21 @@ class ViTClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
-        loss = self.loss(self(x), y)
+        if self.teacher is None:
+            loss = self.loss(self(x), y)
+        else:
+            hp = self.hparams
+            # The teacher sees the very batch (augmentations included) the student sees.
+            loss = distillation_loss(
+                self(x),
+                y,
+                self.teacher(x),
+                self.loss,
+                hp.distill_alpha,
+                hp.distill_type,
+                hp.distill_temperature,
+                multilabel=hp.task == "multilabel",
+            )
         self.train_loss(loss)
         # Not prog_bar=True: Lightning would read it as a float after every step (a device sync).
         # The progress bar (medvit.train.progress) reads this tensor only when it refreshes.
@@ -473,3 +525,8 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+#: The module under a name that does not promise a ViT; ``ViTClassifier`` stays (saved configs
+#: and checkpoints name it).
+Classifier = ViTClassifier

@@ -165,6 +165,9 @@ class RunRecorder(L.Callback):
         summary = getattr(trainer.lightning_module, "pretrained_summary", None)
         if stage == "fit" and summary is not None:
             meta["pretrained_weights"] = summary  # what the weight file gave (models/vit.py)
+        teacher = getattr(trainer.lightning_module, "teacher_info", None)
+        if stage == "fit" and teacher is not None:
+            meta["teacher"] = teacher  # distillation: which teacher, its metrics, its cost
         if not started:
             meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             meta["duration_s"] = round(meta.get("duration_s", 0.0) + time.time() - self._t0, 1)
@@ -251,8 +254,10 @@ class ViTFinetuning(BaseFinetuning):
     @staticmethod
     def _backbone(pl_module: L.LightningModule) -> list[torch.nn.Module]:
         net = pl_module.net
-        head = net.get_classifier()
-        return [m for m in net.children() if m is not head]
+        # A distilled DeiT has two heads (class and distillation): both are heads.
+        heads = net.get_classifier()
+        heads = heads if isinstance(heads, tuple) else (heads,)
+        return [m for m in net.children() if not any(m is h for h in heads)]
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         if self.unfreeze_at_epoch > 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from medvit.data.selection import (  # describe_training_data: still importable 
 )
 from medvit.explain.gallery import ExplainedGallery
 from medvit.models.checkpoint import CheckpointError, is_local_file_path, load_checkpoint
+from medvit.models.distill import read_teacher_checkpoint
 from medvit.models.module import ViTClassifier
 from medvit.train.callbacks import RunRecorder
 from medvit.train.gallery import TestGallery
@@ -264,6 +266,13 @@ class MedViTCLI(LightningCLI):
                 "--weights_only false is not supported: medvit loads checkpoints with "
                 "torch.load(weights_only=True) only, so that a checkpoint cannot run code."
             )
+        teacher = (config.get("model") or {}).get("teacher")
+        if subcommand == "fit" and teacher:
+            # A missing teacher or one of other data is refused before any data or model work.
+            data = self._data_for_check(config.data)
+            expected = {k: getattr(data, k) for k in ("num_classes", "task", "in_chans")}
+            expected.update(img_size=data.img_size, class_names=list(data.class_names))
+            read_teacher_checkpoint(teacher, expected)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and is_local_file_path(ckpt_path):
             # Refuse a missing, corrupt or code-carrying checkpoint in one line, before Lightning
@@ -450,3 +459,43 @@ class MedViTCLI(LightningCLI):
                     values = "  ".join(f"{k}={v:.4f}" for k, v in metrics[stage].items())
                     print(f"{stage} metrics: {values}")
         print(f"Run directory: {run_dir}")
+
+
+def distill_main(argv: list[str] | None = None) -> None:
+    """``medvit distill ... --teacher CKPT``: ``medvit fit`` of a student that learns from
+    ``CKPT`` too (``--model.teacher``); see :mod:`medvit.models.distill`."""
+    from medvit.cli import exit_with_user_error, is_user_error, show_tracebacks
+
+    words = list(sys.argv[2:] if argv is None else argv)
+    args, teacher = [], None
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--teacher" and i + 1 < len(words):
+            teacher, i = words[i + 1], i + 2
+            continue
+        if word.startswith("--teacher="):
+            teacher = word.split("=", 1)[1]
+        else:
+            args.append(word)
+        i += 1
+    if teacher is None and not any(w in ("-h", "--help") for w in args):
+        exit_with_user_error(
+            ValueError(
+                "medvit distill needs --teacher CKPT: a medvit checkpoint of the same data, e.g. "
+                "runs/breastmnist/<teacher run>/checkpoints/best.ckpt."
+            )
+        )
+    if teacher is not None:
+        args += ["--model.teacher", teacher]
+    if any(w in ("-h", "--help") for w in args):
+        print("medvit distill [fit options] --teacher CKPT: medvit fit with --model.teacher CKPT.")
+    # sys.argv stays as it is (Lightning's DDP launcher restarts it in each rank), so the CLI
+    # gets both: its warning about that is expected here.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    try:
+        MedViTCLI(args=["fit", *args])
+    except (ValueError, FileNotFoundError) as err:
+        if show_tracebacks() or not is_user_error(err):
+            raise
+        exit_with_user_error(err)
