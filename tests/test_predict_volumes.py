@@ -159,6 +159,14 @@ def test_fit_on_volumes_csv_then_predict_volumes(tmp_path, capsys):
         else:
             p = float(r[col["prob_no"]]) + float(r[col["prob_yes"]])
             assert abs(p - 1) < 1e-4 and r[col["prediction"]] in ("no", "yes")
+    # medvit explain takes the same volume inputs: 3D maps at the decode size, one overlay each
+    explained = tmp_path / "explain"
+    main(["explain", f"--ckpt_path={ckpt}", str(root / "vol1.nii.gz"), str(root / "series0"),
+          "-o", str(explained), "--method", "rollout"])  # fmt: skip
+    maps = np.load(explained / "maps.npz")
+    assert maps["maps"].shape == (2, 16, 16, 16)
+    assert np.isfinite(maps["maps"]).all() and maps["maps"].min() >= 0 and maps["maps"].max() <= 1
+    assert len(list(explained.glob("*.png"))) == 2
     # a 2D image given to the 3D checkpoint is one error, not rows
     png = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)

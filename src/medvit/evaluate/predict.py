@@ -77,6 +77,29 @@ class _Inputs(Dataset):
         return self.transform(image), "", i
 
 
+def input_dataset(items: list[Item], hp: Any, data_hp: dict[str, Any], decoding: Any) -> _Inputs:
+    """``items`` as the model takes them: decoded as :func:`decoding_for` says, then resized and
+    normalised as the checkpoint's evaluation transform does (images or volumes).
+
+    Shared by ``medvit predict`` and ``medvit explain``, so both feed the model the same tensors.
+    """
+    transform = build_transforms(
+        "none",
+        hp.img_size,
+        train=False,
+        in_chans=hp.in_chans,
+        mean=data_hp.get("mean") or [0.5],
+        std=data_hp.get("std") or [0.5],
+        spatial_dims=decoding.spatial_dims,
+    )
+    side = decoding.size
+    if decoding.spatial_dims == 3:  # a volume checkpoint: the inputs are volumes
+        blank = np.zeros((side, side, side), np.uint8)
+    else:
+        blank = np.zeros((side, side) if decoding.in_chans == 1 else (side, side, 3), np.uint8)
+    return _Inputs(items, transform, blank)
+
+
 def load_model(ckpt_path: str | Path) -> tuple[ViTClassifier, dict[str, Any]]:
     """The model of a medvit checkpoint and its datamodule hyper-parameters, read safely.
 
@@ -173,15 +196,6 @@ def predict(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.eval().to(device)
-    transform = build_transforms(
-        "none",
-        hp.img_size,
-        train=False,
-        in_chans=hp.in_chans,
-        mean=data_hp.get("mean") or [0.5],
-        std=data_hp.get("std") or [0.5],
-        spatial_dims=decoding.spatial_dims,
-    )
     names = list(hp.class_names or [str(i) for i in range(hp.num_classes)])
     named = {k: data_hp[k] for k in COLUMN_OPTIONS if isinstance(data_hp.get(k), str)}
     named.update({k: v for k, v in (columns or {}).items() if v is not None})
@@ -189,12 +203,10 @@ def predict(
     labels = [item.label for item in items]
     if not force:
         check_inputs_fit_checkpoint(ckpt_path, data_hp, hp, inputs, labels)
-    side = decoding.size
-    blank = np.zeros((side, side) if decoding.in_chans == 1 else (side, side, 3), np.uint8)
-    if decoding.spatial_dims == 3:  # a volume checkpoint: the inputs are volumes
-        blank = np.zeros((side, side, side), np.uint8)
     loader = DataLoader(
-        _Inputs(items, transform, blank), batch_size=batch_size, num_workers=num_workers
+        input_dataset(items, hp, data_hp, decoding),
+        batch_size=batch_size,
+        num_workers=num_workers,
     )
     # The listings' columns, in order of first appearance (blank for rows from other inputs).
     listed = list(dict.fromkeys(c for item in items for c in item.columns))

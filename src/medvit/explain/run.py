@@ -246,8 +246,7 @@ def explain(
             without attention layers, npz images of another size or channel count, or any of
             ``medvit predict``'s input errors.
     """
-    from medvit.data.transforms import build_transforms
-    from medvit.evaluate.predict import _Inputs, check_inputs_fit_checkpoint, load_model
+    from medvit.evaluate.predict import check_inputs_fit_checkpoint, input_dataset, load_model
     from medvit.evaluate.predict_inputs import COLUMN_OPTIONS, collect, decoding_for
 
     check_method(method, fusion, discard_ratio)
@@ -273,14 +272,9 @@ def explain(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.eval().to(device)
     mean, std = data_hp.get("mean") or [0.5], data_hp.get("std") or [0.5]
-    transform = build_transforms(
-        "none", hp.img_size, train=False, in_chans=hp.in_chans, mean=mean, std=std
-    )
-    side = decoding.size
-    blank = np.zeros((side, side) if decoding.in_chans == 1 else (side, side, 3), np.uint8)
     return explain_dataset(
         explainer,
-        _Inputs(items, transform, blank),
+        input_dataset(items, hp, data_hp, decoding),
         [item.source for item in items],
         labels,
         names,

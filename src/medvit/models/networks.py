@@ -17,7 +17,6 @@ decay in the optimiser) applies to every family.
 
 from __future__ import annotations
 
-import difflib
 import os
 from typing import Any
 
@@ -31,6 +30,7 @@ from medvit.models.vit import (
     _describe_load_failure,
     _read_state_dict,
     _resolve_weights_file,
+    check_model_name,
     create_vit,
     format_load_summary,
     load_summary,
@@ -39,24 +39,9 @@ from medvit.models.vit import (
 __all__ = ["create_network", "is_vit", "check_model_name"]
 
 
-def check_model_name(model_name: str) -> None:
-    """Fail in one line, with close names, when timm's registry does not know ``model_name``."""
-    source, model_id = timm.models.parse_model_name(model_name)
-    if source is not None:
-        return  # hf-hub: / local-dir: names are resolved by timm itself
-    arch, _ = timm.models.split_model_name_tag(model_id)
-    if timm.is_model(arch):
-        return
-    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ValueError(
-        f"Unknown timm model {model_name!r}.{hint} List them with timm.list_models('*resnet*')."
-    )
-
-
 def is_vit(model_name: str) -> bool:
     """Whether ``model_name`` builds a timm ``VisionTransformer`` (checked on the meta device)."""
-    check_model_name(model_name)
+    check_model_name(model_name, family="")
     with torch.device("meta"):
         return isinstance(timm.create_model(model_name), VisionTransformer)
 
@@ -98,7 +83,7 @@ def create_network(
         ValueError: an unknown model name, a 3D request for a non-ViT, a model that does not
             take an argument, or a weight file that does not fit.
     """
-    check_model_name(model_name)
+    check_model_name(model_name, family="")
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
     vit_args = dict(
@@ -154,7 +139,7 @@ def create_timm_model(
     ``img_size`` is passed only to models whose constructor takes it (some transformers do);
     ``drop_path_rate`` only when > 0, so that models without stochastic depth still build.
     """
-    check_model_name(model_name)
+    check_model_name(model_name, family="")
     weights_file = _resolve_weights_file(pretrained)
     kwargs: dict[str, Any] = dict(
         timm_kwargs, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate

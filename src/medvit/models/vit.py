@@ -150,7 +150,7 @@ def create_vit(
             "(configs/model/vit_small_in21k_finetune.yaml sets it), or replace it on purpose "
             "with replace_pretrained_pos_embed=True."
         )
-    _check_model_name(model_name)
+    check_model_name(model_name)
 
     build_kwargs: dict[str, Any] = dict(
         timm_kwargs,
@@ -260,19 +260,24 @@ def _resolve_weights_file(pretrained: bool | str | os.PathLike[str]) -> Path | N
     return path
 
 
-def _check_model_name(model_name: str) -> None:
-    """Fail with suggestions when timm's registry does not know ``model_name``."""
+def check_model_name(model_name: str, family: str = "vit") -> None:
+    """Fail in one line, with close names, when timm's registry does not know ``model_name``.
+
+    Args:
+        model_name: a timm name, optionally with a pretrained tag.
+        family: the wildcard that close names are drawn from (``vit``: ``*vit*``; ``""``: all).
+    """
     source, model_id = timm.models.parse_model_name(model_name)
     if source is not None:
         return  # hf-hub: / local-dir: names are resolved by timm itself
     arch, _ = timm.models.split_model_name_tag(model_id)
     if timm.is_model(arch):
         return
-    close = difflib.get_close_matches(arch, timm.list_models("*vit*"), n=5, cutoff=0.6)
+    pattern = f"*{family}*" if family else "*"
+    close = difflib.get_close_matches(arch, timm.list_models(pattern), n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ValueError(
-        f"Unknown timm model {model_name!r}.{hint} List ViTs with timm.list_models('*vit*')."
-    )
+    listing = f"timm.list_models('*{family or 'resnet'}*')"
+    raise ValueError(f"Unknown timm model {model_name!r}.{hint} List them with {listing}.")
 
 
 def _build_skeleton(model_name: str, build_kwargs: dict[str, Any]) -> VisionTransformer:
