@@ -38,7 +38,7 @@ COMMAND_HELP = {
     "fit": "train a model, test its best checkpoint, write a run folder",
     "validate": "evaluate a checkpoint on the validation split (--ckpt_path)",
     "test": "evaluate a checkpoint on the test split (--ckpt_path)",
-    "predict": "class probabilities of images (PNG, DICOM, NIfTI...), folders, CSV listings or an npz split",
+    "predict": "class probabilities of images, volumes (NIfTI, DICOM series), folders, CSV listings or an npz split; from a checkpoint or an .onnx",
     "cv": "k-fold cross-validation of fit (one fit per fold, ensemble on test)",
     "report": "summarise run folders (or a folder of them) as one HTML page (tables, plots)",
     "cache": "list the unpacked-data caches, or delete stale ones (--prune)",
