@@ -25,15 +25,11 @@ import torch
 from timm.models import VisionTransformer
 
 from medvit.models.vit import (
-    _cfg_names,
-    _checkpoint_cfg,
-    _describe_load_failure,
-    _read_state_dict,
     _resolve_weights_file,
+    attach_load_summary,
     check_model_name,
     create_vit,
-    format_load_summary,
-    load_summary,
+    create_with_weights,
 )
 
 __all__ = ["create_network", "is_vit", "check_model_name"]
@@ -148,37 +144,8 @@ def create_timm_model(
         kwargs["drop_path_rate"] = drop_path_rate
     skeleton = _skeleton(model_name, kwargs, img_size)
     _check_input_size(skeleton, model_name, in_chans, img_size)
-    summary = None
-    if weights_file is None:
-        model = timm.create_model(model_name, pretrained=bool(pretrained), **kwargs)
-        if pretrained:
-            summary = {"source": f"timm hub weights of {model_name}"}
-    else:
-        file_state = _read_state_dict(weights_file)
-        overlay = dict(_checkpoint_cfg(file_state, skeleton), file=str(weights_file))
-        drops_head = num_classes != overlay["num_classes"]
-        try:
-            model = timm.create_model(
-                model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs
-            )
-        except Exception as err:
-            raise ValueError(
-                _describe_load_failure(weights_file, model_name, skeleton, drops_head, err)
-            ) from err
-        summary = load_summary(file_state, model, drops_head=drops_head)
-        summary["source"] = str(weights_file)
-        classifiers = _cfg_names(skeleton.pretrained_cfg, "classifier")
-        body = [k for k in summary["new"] if k.rsplit(".", 1)[0] not in classifiers]
-        if body:
-            raise ValueError(
-                f"{str(weights_file)!r} lacks {len(body)} tensor(s) of {model_name!r} besides "
-                f"the head (first: {body[:3]}); they would stay randomly initialised. Was it "
-                "saved from another architecture?"
-            )
-    if summary is not None:
-        model.pretrained_summary = summary
-        if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
-            print(format_load_summary(summary))
+    model, summary = create_with_weights(model_name, pretrained, weights_file, skeleton, kwargs)
+    attach_load_summary(model, summary)
     return model
 
 

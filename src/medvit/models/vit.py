@@ -170,55 +170,85 @@ def create_vit(
     if pos_embed == "sincos":
         _check_sincos_fits(model_name, skeleton)
 
-    summary = None
-    if weights_file is None:
-        model = timm.create_model(model_name, pretrained=bool(pretrained), **build_kwargs)
-        if pretrained:
-            summary = {"source": f"timm hub weights of {model_name}"}
-    else:
-        file_state = _read_state_dict(weights_file)
-        overlay = dict(
-            _checkpoint_cfg(file_state, skeleton),
-            **(build_kwargs.pop("pretrained_cfg_overlay", None) or {}),
-            file=str(weights_file),
-        )
-        try:
-            model = timm.create_model(
-                model_name, pretrained=True, pretrained_cfg_overlay=overlay, **build_kwargs
-            )
-        except Exception as err:
-            drops_head = num_classes != overlay["num_classes"]
-            raise ValueError(
-                _describe_load_failure(weights_file, model_name, skeleton, drops_head, err)
-            ) from err
-        summary = load_summary(file_state, model, drops_head=num_classes != overlay["num_classes"])
-        summary["source"] = str(weights_file)
-        # timm loads non-strictly when it replaces the head: a file missing a body tensor would
-        # leave that tensor at its random init without a word. Only the head may be new.
-        classifiers = _cfg_names(skeleton.pretrained_cfg, "classifier")
-        body = [k for k in summary["new"] if k.rsplit(".", 1)[0] not in classifiers]
-        if body:
-            raise ValueError(
-                f"{str(weights_file)!r} lacks {len(body)} tensor(s) of {model_name!r} besides "
-                f"the head (first: {body[:3]}); they would stay randomly initialised. Was it "
-                "saved from another architecture?"
-            )
+    model, summary = create_with_weights(
+        model_name, pretrained, weights_file, skeleton, build_kwargs
+    )
 
     if pos_embed == "sincos":
         _set_sincos_pos_embed(model)
         if summary is not None and "pos_embed" in summary.get("adapted", {}):
             summary["adapted"]["pos_embed"] = "replaced by the fixed sin-cos table (not trained)"
-    if summary is not None:
-        model.pretrained_summary = summary
-        if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
-            print(format_load_summary(summary))
+    attach_load_summary(model, summary)
+    warn_if_unfused(model)
+    return model
+
+
+def create_with_weights(
+    model_name: str,
+    pretrained: bool | str | os.PathLike[str],
+    weights_file: Path | None,
+    skeleton: torch.nn.Module,
+    build_kwargs: dict[str, Any],
+) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """``timm.create_model`` without weights, with timm's hub weights, or from ``weights_file``.
+
+    A local file goes through timm's loader (position/patch embeddings and input channels
+    adapted, a classifier of another size replaced). Returns the model and what the weights gave
+    (:func:`load_summary`; ``None`` without weights).
+
+    Raises:
+        ValueError: the file does not fit ``model_name``, or it lacks a tensor besides the head.
+    """
+    if weights_file is None:
+        model = timm.create_model(model_name, pretrained=bool(pretrained), **build_kwargs)
+        return model, ({"source": f"timm hub weights of {model_name}"} if pretrained else None)
+    file_state = _read_state_dict(weights_file)
+    overlay = dict(
+        _checkpoint_cfg(file_state, skeleton),
+        **(build_kwargs.pop("pretrained_cfg_overlay", None) or {}),
+        file=str(weights_file),
+    )
+    drops_head = build_kwargs["num_classes"] != overlay["num_classes"]
+    try:
+        model = timm.create_model(
+            model_name, pretrained=True, pretrained_cfg_overlay=overlay, **build_kwargs
+        )
+    except Exception as err:
+        raise ValueError(
+            _describe_load_failure(weights_file, model_name, skeleton, drops_head, err)
+        ) from err
+    summary = load_summary(file_state, model, drops_head=drops_head)
+    summary["source"] = str(weights_file)
+    # timm loads non-strictly when it replaces the head: a file missing a body tensor would
+    # leave that tensor at its random init without a word. Only the head may be new.
+    classifiers = _cfg_names(skeleton.pretrained_cfg, "classifier")
+    body = [k for k in summary["new"] if k.rsplit(".", 1)[0] not in classifiers]
+    if body:
+        raise ValueError(
+            f"{str(weights_file)!r} lacks {len(body)} tensor(s) of {model_name!r} besides "
+            f"the head (first: {body[:3]}); they would stay randomly initialised. Was it "
+            "saved from another architecture?"
+        )
+    return model, summary
+
+
+def attach_load_summary(model: torch.nn.Module, summary: dict[str, Any] | None) -> None:
+    """Keep ``summary`` as ``model.pretrained_summary`` and print it once (rank 0 only)."""
+    if summary is None:
+        return
+    model.pretrained_summary = summary
+    if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(format_load_summary(summary))
+
+
+def warn_if_unfused(model: torch.nn.Module) -> None:
+    """Warn when timm built attention without F.scaled_dot_product_attention."""
     if not uses_fused_attention(model):
         warnings.warn(
             "timm built attention without F.scaled_dot_product_attention (TIMM_FUSED_ATTN=0 or "
             "exportable layer config?); training will be slower and use more memory.",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return model
 
 
 def _check_args(

@@ -41,8 +41,8 @@ from medvit.models.vit import (
     _cfg_names,
     _read_state_dict,
     _resolve_weights_file,
-    format_load_summary,
-    uses_fused_attention,
+    attach_load_summary,
+    warn_if_unfused,
 )
 
 __all__ = [
@@ -270,16 +270,8 @@ def create_vit3d(
         summary["source"] = where
     if pos_embed == "sincos":
         set_sincos_3d_pos_embed(model)
-    if summary is not None:
-        model.pretrained_summary = summary
-        if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
-            print(format_load_summary(summary))
-    if not uses_fused_attention(model):
-        import warnings
-
-        warnings.warn(
-            "timm built attention without fused SDPA; training will be slower.", stacklevel=2
-        )
+    attach_load_summary(model, summary)
+    warn_if_unfused(model)
     return model
 
 
