@@ -24,18 +24,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from medvit.data.readers import ImageReadError, to_uint8
-from medvit.data.transforms import build_transforms
+from medvit.data.readers import to_uint8
+from medvit.evaluate.input_dataset import input_dataset
 from medvit.evaluate.predict_inputs import (
     COLUMN_OPTIONS,
     LISTING_SUFFIXES,
-    Item,
     check_inputs_fit_checkpoint,
     collect,
     decoding_for,
@@ -48,56 +45,6 @@ from medvit.models.module import ViTClassifier
 
 # to_uint8 (moved to medvit.data.readers) stays importable from here.
 __all__ = ["LISTING_SUFFIXES", "load_model", "main", "predict", "to_uint8"]
-
-#: What a single image can fail with while it is decoded (reported in its CSV row).
-READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class _Inputs(Dataset):
-    """Items ``(image, error, i)`` from :class:`Item` entries, decoded lazily.
-
-    A file that cannot be decoded gives a blank image and the reason in ``error`` (empty when
-    the image was read), so one broken file does not end the run.
-    """
-
-    def __init__(self, items: list[Item], transform: Any, blank: np.ndarray) -> None:
-        self.items, self.transform, self.blank = items, transform, blank
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, int]:
-        try:
-            image = self.items[i].load()
-        except READ_ERRORS as err:
-            # ImageReadError's message starts with the path, which the row already has.
-            reason = err.reason if isinstance(err, ImageReadError) else str(err)
-            reason = " ".join(reason.split()) or type(err).__name__
-            return self.transform(self.blank), f"cannot read image: {reason}", i
-        return self.transform(image), "", i
-
-
-def input_dataset(items: list[Item], hp: Any, data_hp: dict[str, Any], decoding: Any) -> _Inputs:
-    """``items`` as the model takes them: decoded as :func:`decoding_for` says, then resized and
-    normalised as the checkpoint's evaluation transform does (images or volumes).
-
-    Shared by ``medvit predict`` and ``medvit explain``, so both feed the model the same tensors.
-    """
-    transform = build_transforms(
-        "none",
-        hp.img_size,
-        train=False,
-        in_chans=hp.in_chans,
-        mean=data_hp.get("mean") or [0.5],
-        std=data_hp.get("std") or [0.5],
-        spatial_dims=decoding.spatial_dims,
-    )
-    side = decoding.size
-    if decoding.spatial_dims == 3:  # a volume checkpoint: the inputs are volumes
-        blank = np.zeros((side, side, side), np.uint8)
-    else:
-        blank = np.zeros((side, side) if decoding.in_chans == 1 else (side, side, 3), np.uint8)
-    return _Inputs(items, transform, blank)
 
 
 def load_model(ckpt_path: str | Path) -> tuple[ViTClassifier, dict[str, Any]]:
@@ -203,8 +150,11 @@ def predict(
     labels = [item.label for item in items]
     if not force:
         check_inputs_fit_checkpoint(ckpt_path, data_hp, hp, inputs, labels)
+    dataset = input_dataset(
+        items, decoding, hp.img_size, hp.in_chans, data_hp.get("mean"), data_hp.get("std")
+    )
     loader = DataLoader(
-        input_dataset(items, hp, data_hp, decoding),
+        dataset,
         batch_size=batch_size,
         num_workers=num_workers,
     )

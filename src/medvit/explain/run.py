@@ -246,7 +246,8 @@ def explain(
             without attention layers, npz images of another size or channel count, or any of
             ``medvit predict``'s input errors.
     """
-    from medvit.evaluate.predict import check_inputs_fit_checkpoint, input_dataset, load_model
+    from medvit.evaluate.input_dataset import input_dataset
+    from medvit.evaluate.predict import check_inputs_fit_checkpoint, load_model
     from medvit.evaluate.predict_inputs import COLUMN_OPTIONS, collect, decoding_for
 
     check_method(method, fusion, discard_ratio)
@@ -274,7 +275,7 @@ def explain(
     mean, std = data_hp.get("mean") or [0.5], data_hp.get("std") or [0.5]
     return explain_dataset(
         explainer,
-        input_dataset(items, hp, data_hp, decoding),
+        input_dataset(items, decoding, hp.img_size, hp.in_chans, mean, std),
         [item.source for item in items],
         labels,
         names,

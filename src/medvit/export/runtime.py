@@ -19,7 +19,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from medvit.evaluate.predict_inputs import (
     COLUMN_OPTIONS,
@@ -38,9 +37,6 @@ from medvit.export.metadata import (
     ModelInfo,
     probabilities,
 )
-
-#: What one image can fail with while it is decoded (its CSV row says why).
-READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class OnnxClassifier:
@@ -126,7 +122,7 @@ def predict_onnx(
     Raises:
         ValueError: as the checkpoint predictor; :class:`ModelFileError` for a bad model file.
     """
-    from medvit.data.transforms import build_transforms
+    from medvit.evaluate.input_dataset import input_dataset
 
     model = OnnxClassifier(model_path, threads, device)
     info = model.info
@@ -137,29 +133,20 @@ def predict_onnx(
         )
     hp, data_hp = _checkpoint_like(info), dict(info.data)
     decoding = decoding_for(hp, data_hp, window)
-    transform = build_transforms(
-        "none", info.img_size, train=False, in_chans=info.in_chans, mean=info.mean, std=info.std
-    )
     names = list(info.class_names)
     named = {k: data_hp[k] for k in COLUMN_OPTIONS if isinstance(data_hp.get(k), str)}
     named.update({k: v for k, v in (columns or {}).items() if v is not None})
     items = collect(inputs, decoding, info.task, names, force, named)
     if not force:
         check_inputs_fit_checkpoint(model_path, data_hp, hp, inputs, [i.label for i in items])
-    side = decoding.size
-    blank = np.zeros((side, side) if decoding.in_chans == 1 else (side, side, 3), np.uint8)
+    dataset = input_dataset(items, decoding, info.img_size, info.in_chans, info.mean, info.std)
     listed = list(dict.fromkeys(c for item in items for c in item.columns))
     rows: list[dict[str, Any]] = []
     for start in range(0, len(items), batch_size):
         batch, errors = [], []
-        for item in items[start : start + batch_size]:
-            try:
-                image, error = item.load(), ""
-            except READ_ERRORS as err:
-                reason = getattr(err, "reason", None) or str(err)
-                image = blank
-                error = f"cannot read image: {' '.join(reason.split()) or type(err).__name__}"
-            batch.append(transform(image).numpy())
+        for i in range(start, min(start + batch_size, len(items))):
+            x, error, _ = dataset[i]
+            batch.append(x.numpy())
             errors.append(error)
         probs = model.probabilities(np.stack(batch))
         for k, (p, error) in enumerate(zip(probs, errors, strict=True)):
