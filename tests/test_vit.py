@@ -510,7 +510,7 @@ def test_load_failure_with_a_kept_head_names_its_missing_key(tmp_path: Path):
 
 
 def test_checkpoint_filter_is_looked_up_where_the_model_is_registered():
-    from medvit.models.vit import _model_module
+    from medvit.models.weights import _model_module
 
     skeleton = create_vit(TINY, num_classes=2, img_size=32, depth=1)
     assert _model_module("deit_tiny_patch16_224", skeleton) == "timm.models.deit"

@@ -71,6 +71,9 @@ class ViTClassifier(L.LightningModule):
             input channels are adapted and the head is replaced when sizes differ.
         replace_pretrained_pos_embed: allow ``pos_embed="sincos"`` with ``pretrained`` weights,
             which replaces their position embedding (refused otherwise).
+        stem: 3D ViTs: ``patch`` (one Conv3d, kernel = stride = patch) or ``conv`` (stride-2
+            3x3x3 convolutions down to the patch grid, then a 1x1x1 projection; trains better
+            from scratch on small sets). 2D networks take ``patch``.
         drop_rate: dropout before the head.
         drop_path_rate: stochastic depth rate.
         lr: peak learning rate for the global batch (it does not change with the device count,
@@ -111,6 +114,7 @@ class ViTClassifier(L.LightningModule):
         pos_embed: Literal["auto", "learn", "sincos"] = "auto",
         pretrained: bool | str = False,
         replace_pretrained_pos_embed: bool = False,
+        stem: Literal["patch", "conv"] = "patch",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         lr: float = 5e-4,
@@ -166,6 +170,7 @@ class ViTClassifier(L.LightningModule):
             drop_path_rate=drop_path_rate,
             pretrained=pretrained,
             replace_pretrained_pos_embed=replace_pretrained_pos_embed,
+            stem=stem,
         )
         # Loaded in setup("fit") only; a plain object, so not one of this module's modules.
         self.teacher: Teacher | None = None

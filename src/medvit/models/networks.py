@@ -24,13 +24,8 @@ import timm
 import torch
 from timm.models import VisionTransformer
 
-from medvit.models.vit import (
-    _resolve_weights_file,
-    attach_load_summary,
-    check_model_name,
-    create_vit,
-    create_with_weights,
-)
+from medvit.models.vit import check_model_name, create_vit
+from medvit.models.weights import attach_load_summary, create_with_weights, resolve_weights_file
 
 __all__ = ["create_network", "is_vit", "check_model_name"]
 
@@ -55,6 +50,7 @@ def create_network(
     drop_path_rate: float = 0.0,
     pretrained: bool | str | os.PathLike[str] = False,
     replace_pretrained_pos_embed: bool = False,
+    stem: str = "patch",
     **timm_kwargs: Any,
 ) -> torch.nn.Module:
     """Build ``model_name`` for ``img_size`` inputs with ``in_chans`` channels and ``num_classes``.
@@ -73,6 +69,8 @@ def create_network(
             (read with ``torch.load(weights_only=True)``; input channels adapted, a classifier
             of another size replaced, any other missing tensor refused).
         replace_pretrained_pos_embed: ViTs: see :func:`medvit.models.vit.create_vit`.
+        stem: 3D ViTs: ``patch`` or ``conv`` (see :func:`medvit.models.vit3d.create_vit3d`);
+            2D networks take ``patch`` only.
         **timm_kwargs: passed to ``timm.create_model``.
 
     Raises:
@@ -104,7 +102,12 @@ def create_network(
         # Hook for the 3D builder (models/vit3d.py); imported here so 2D runs never need it.
         from medvit.models.vit3d import create_vit3d
 
-        return create_vit3d(model_name, **vit_args)
+        return create_vit3d(model_name, stem=stem, **vit_args)
+    if stem != "patch":
+        raise ValueError(
+            f"stem={stem!r} is a 3D ViT option (volumes, spatial_dims 3); 2D networks take "
+            "stem='patch'."
+        )
     if vit:
         return create_vit(model_name, **vit_args)
     return create_timm_model(
@@ -136,7 +139,7 @@ def create_timm_model(
     ``drop_path_rate`` only when > 0, so that models without stochastic depth still build.
     """
     check_model_name(model_name, family="")
-    weights_file = _resolve_weights_file(pretrained)
+    weights_file = resolve_weights_file(pretrained)
     kwargs: dict[str, Any] = dict(
         timm_kwargs, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate
     )

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from typing import Any
 
 import timm
@@ -36,14 +37,15 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models import VisionTransformer, adapt_input_conv
 from torch import nn
 
-from medvit.models.vit import (
-    POS_EMBEDS,
-    _cfg_names,
-    _read_state_dict,
-    _resolve_weights_file,
+from medvit.models.vit import POS_EMBEDS, warn_if_unfused
+from medvit.models.weights import (
     attach_load_summary,
-    warn_if_unfused,
+    cfg_names,
+    read_state_dict,
+    resolve_weights_file,
 )
+
+STEMS = ("patch", "conv")
 
 __all__ = [
     "PatchEmbed3D",
@@ -134,9 +136,12 @@ class PatchEmbed3D(nn.Module):
         dynamic_img_pad: bool = False,
         device: Any = None,
         dtype: Any = None,
+        stem: str = "patch",
         **unused: Any,
     ) -> None:
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}.")
         if unused.get("output_fmt") not in (None, "NCHW") or unused.get("strict_img_size") is False:
             raise ValueError("PatchEmbed3D does not support dynamic_img_size; build with it off.")
         if dynamic_img_pad:
@@ -147,11 +152,20 @@ class PatchEmbed3D(nn.Module):
         self.num_patches = math.prod(self.grid_size)
         self.in_chans = in_chans
         self.dynamic_img_size = False
+        self.stem_type = stem
+        if stem == "conv":
+            # Early convolutions (Xiao et al. 2021, "Early convolutions help transformers see
+            # better"): log2(patch) 3x3x3 stride-2 convolutions reach the patch grid, then a
+            # 1x1x1 projection to embed_dim takes the place of the patchify kernel.
+            self.stem, stem_out = _conv_stem(in_chans, embed_dim, self.patch_size, device, dtype)
+            kernel = 1
+        else:
+            self.stem, stem_out, kernel = nn.Identity(), in_chans, self.patch_size
         self.proj = nn.Conv3d(
-            in_chans,
+            stem_out,
             embed_dim,
-            kernel_size=self.patch_size,
-            stride=self.patch_size,
+            kernel_size=kernel,
+            stride=kernel,
             bias=bias,
             device=device,
             dtype=dtype,
@@ -169,8 +183,40 @@ class PatchEmbed3D(nn.Module):
                 f"got a tensor of shape {tuple(x.shape)}"
                 + (": a 2D image needs a 2D model (spatial_dims 2)." if x.ndim == 4 else ".")
             )
-        x = self.proj(x).flatten(2).transpose(1, 2)  # (B, D'*H'*W', E), row-major over (z, y, x)
+        x = (
+            self.proj(self.stem(x)).flatten(2).transpose(1, 2)
+        )  # (B, D'*H'*W', E), row-major over (z, y, x)
         return self.norm(x)
+
+
+def _conv_stem(
+    in_chans: int, embed_dim: int, patch: tuple[int, int, int], device: Any, dtype: Any
+) -> tuple[nn.Sequential, int]:
+    """Stride-2 3x3x3 conv + GroupNorm + GELU layers from ``in_chans`` to the patch grid.
+
+    Widths double up to ``embed_dim / 2`` at the last layer (16, 32 for width 64 and patch 4);
+    returns the stem and its output width.
+    GroupNorm, not BatchNorm: the output of a sample does not depend on its batch, so DDP
+    and one process compute the same thing.
+    """
+    side = patch[0]
+    if len(set(patch)) != 1 or side < 2 or side & (side - 1):
+        raise ValueError(
+            f"stem='conv' needs a cubic patch that is a power of 2 (2, 4, 8, 16), got {patch}."
+        )
+    layers = side.bit_length() - 1  # stride-2 steps to reach the patch grid
+    widths = [max(8, embed_dim // 2 ** (layers - i)) for i in range(layers)]
+    modules: list[nn.Module] = []
+    for width in widths:
+        modules += [
+            nn.Conv3d(
+                in_chans, width, 3, stride=2, padding=1, bias=False, device=device, dtype=dtype
+            ),
+            nn.GroupNorm(min(8, width // 4), width, device=device, dtype=dtype),
+            nn.GELU(),
+        ]
+        in_chans = width
+    return nn.Sequential(*modules), in_chans
 
 
 def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
@@ -194,6 +240,7 @@ def create_vit3d(
     drop_path_rate: float = 0.0,
     pretrained: bool | str | os.PathLike[str] = False,
     replace_pretrained_pos_embed: bool = False,
+    stem: str = "patch",
     **timm_kwargs: Any,
 ) -> VisionTransformer:
     """Build a timm Vision Transformer for (B, in_chans, S, S, S) volumes, S = ``img_size``.
@@ -211,6 +258,9 @@ def create_vit3d(
             are inflated (:func:`inflate_state_dict`): the patch kernel is resampled to the patch
             size and repeated over depth / p, the position table is resampled to (H', W') and
             repeated over depth; the head is replaced when its size differs.
+        stem: ``"patch"`` (one Conv3d, kernel = stride = patch, as a 2D ViT) or ``"conv"``
+            (stride-2 3x3x3 convolutions down to the patch grid, then a 1x1x1 projection: the
+            "early convolutions" stem, for training from scratch on small sets).
 
     Returns:
         The model; with pretrained weights ``model.pretrained_summary`` says what was loaded.
@@ -233,7 +283,14 @@ def create_vit3d(
             f"would drop the last {img_size % patch if patch >= 1 else '?'} voxel(s) per axis. "
             f"Pick a patch that divides {img_size} (or --model.patch_size null to follow it)."
         )
-    weights_file = _resolve_weights_file(pretrained)
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {stem!r}.")
+    if stem == "conv" and pretrained is not False:
+        raise ValueError(
+            "stem='conv' has no 2D counterpart to inflate from pretrained weights; use "
+            "stem='patch' with --model.pretrained, or train the conv stem from scratch."
+        )
+    weights_file = resolve_weights_file(pretrained)
     if pos_embed == "sincos" and pretrained is not False and not replace_pretrained_pos_embed:
         raise ValueError(
             "pos_embed='sincos' would overwrite the pretrained (inflated) position embedding; "
@@ -248,7 +305,7 @@ def create_vit3d(
         patch_size=patch,
         drop_rate=drop_rate,
         drop_path_rate=drop_path_rate,
-        embed_layer=PatchEmbed3D,
+        embed_layer=partial(PatchEmbed3D, stem=stem),
         dynamic_img_size=False,  # timm's dynamic path resamples a 2D table
     )
     model = timm.create_model(model_name, pretrained=False, **kwargs)
@@ -264,7 +321,7 @@ def create_vit3d(
             source = timm.create_model(model_name, pretrained=True).state_dict()  # online only
             where = f"timm hub weights of {model_name}"
         else:
-            source, where = _read_state_dict(weights_file), str(weights_file)
+            source, where = read_state_dict(weights_file), str(weights_file)
         state, summary = inflate_state_dict(source, model, where)
         model.load_state_dict(state)
         summary["source"] = where
@@ -318,7 +375,7 @@ def inflate_state_dict(
     """
     target = model.state_dict()
     state, adapted, new, loaded = {}, {}, [], []
-    classifiers = _cfg_names(model.pretrained_cfg, "classifier") or ("head",)
+    classifiers = cfg_names(model.pretrained_cfg, "classifier") or ("head",)
     embed = model.patch_embed
     prefix = 0 if model.no_embed_class else model.num_prefix_tokens
     for key, want in target.items():
