@@ -65,7 +65,7 @@ GOALS = {"adrenalmnist3d": "ResNet-18 + 3D (28)"}
 GOAL_SEEDS = 3
 #: What the table calls the recipe of a flag (default: ``METHOD``).
 METHOD = "medvit default (ViT-Tiny/4, scratch)"
-METHODS = {"adrenalmnist3d": "medvit 3D default (3D ViT test_vit/4^3, scratch)"}
+METHODS = {"adrenalmnist3d": "medvit 3D default (3D ViT test_vit, conv stem to 7^3, scratch)"}
 
 
 def run_one(

@@ -1,8 +1,8 @@
 """3D training throughput and peak memory of the default 3D recipe's model, on this machine.
 
 Times full training steps (forward, loss, backward, AdamW step) of ``ViTClassifier`` with
-``spatial_dims=3`` on random volumes of the cube side asked for (the recipe's model and patch
-rule: patch 4 at 28^3, 8 at 64^3), and the per-volume cost of the flag's 3D augmentation preset
+``spatial_dims=3`` on random volumes of the cube side asked for (the recipe's model, conv stem
+and patch rule: patch 4 at 28^3, 8 at 64^3; ``--stem patch`` for one patchify Conv3d), and the per-volume cost of the flag's 3D augmentation preset
 in one worker. Peak memory is the process's maximum resident set size (CPU) or the CUDA
 allocator's peak. Run one size per process so each peak is its own:
 
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--img-size", type=int, default=28)
     parser.add_argument("--model", default="test_vit")
+    parser.add_argument("--stem", default="conv", choices=("conv", "patch"))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         spatial_dims=3,
         model_name=args.model,
         patch_size=None,
+        stem=args.stem,
     ).to(device)
     net = module.net.train()
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         "patch_size": tuple(net.patch_embed.patch_size),
         "tokens": net.patch_embed.num_patches,
         "model": args.model,
+        "stem": args.stem,
         "device": str(device),
         "threads": args.threads,
         "batch_size": args.batch_size,

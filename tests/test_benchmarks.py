@@ -273,6 +273,9 @@ def test_medmnist_table_compares_adrenalmnist3d_with_the_resnet18_3d_row() -> No
     table = load("medmnist_table")
     runs = [{"test": {"auroc": a, "acc": c}} for a, c in ((0.84, 0.80), (0.82, 0.78), (0.83, 0.79))]
     markdown = table.table({"adrenalmnist3d": runs})
-    assert "| adrenalmnist3d | **medvit 3D default (3D ViT test_vit/4^3, scratch)** |" in markdown
+    assert (
+        "| adrenalmnist3d | **medvit 3D default (3D ViT test_vit, conv stem to 7^3, scratch)** |"
+        in markdown
+    )
     assert "| adrenalmnist3d | ResNet-18 + 3D (28) | 0.827 | 0.721 | |" in markdown
     assert "| adrenalmnist3d | goal (ResNet-18 + 3D (28)) | met | | |" in markdown

@@ -984,3 +984,42 @@ def test_fold_options_of_a_selected_data_class_are_refused_too(tmp_path) -> None
     config["data"]["init_args"]["folds_file"] = "folds.csv"
     with pytest.raises(ValueError, match="sets data.folds_file='folds.csv'; medvit cv sets it"):
         runner._check_fit_config(config)
+
+
+@pytest.mark.slow  # the CV and two 3D folds of a few batches each: ~90 s on 2 cores
+def test_real_cv_of_adrenalmnist3d_volumes(real_data: Path, tmp_path: Path) -> None:
+    """``medvit cv`` on the 3D recipe: folds of the official train+val volumes, 3D fold models,
+    and an ensemble over the whole 3D test split."""
+    with np.load(real_data / "adrenalmnist3d.npz") as npz:
+        official = {s: npz[f"{s}_labels"][:, 0] for s in ("train", "val", "test")}
+    cv_dir = tmp_path / "cv"
+    cmd = [sys.executable, "-m", "medvit", "cv", "--folds", "2", "--cv-dir", str(cv_dir)]
+    cmd += ["-c", str(REPO / "configs" / "experiment" / "adrenalmnist3d.yaml")]
+    cmd += [f"--data.root={real_data}", f"--data.cache_dir={tmp_path / 'cache'}"]
+    cmd += short_trainer_args(1, train_batches=2, val_batches=2, patch_size=None, verify_md5=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(cv_dir / "folds.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    n_train, n_val = len(official["train"]), len(official["val"])
+    assert sorted((r["split"], int(r["index"])) for r in rows) == sorted(
+        [("train", i) for i in range(n_train)] + [("val", i) for i in range(n_val)]
+    )
+    assert [int(r["label"]) for r in rows] == [
+        int(official[r["split"]][int(r["index"])]) for r in rows
+    ]
+    probs = []
+    for name in ("r0-f0", "r0-f1"):
+        hparams = yaml.safe_load((cv_dir / "runs" / name / "hparams.yaml").read_text())
+        assert hparams["spatial_dims"] == 3 and hparams["img_size"] == 28
+        with np.load(cv_dir / "runs" / name / "test_predictions.npz") as npz:
+            assert npz["index"].tolist() == list(range(len(official["test"])))
+            probs.append(npz["probs"])
+    summary = json.loads((cv_dir / "cv_summary.json").read_text())
+    assert summary["complete"] and summary["runs_completed"] == 2
+    with np.load(cv_dir / "ensemble_test_predictions.npz") as npz:
+        np.testing.assert_allclose(npz["probs"], np.mean(probs, axis=0), rtol=1e-6)
+        np.testing.assert_array_equal(npz["target"].reshape(-1), official["test"])
+    auroc = roc_auc_score(official["test"], np.mean(probs, axis=0)[:, 1])
+    assert summary["ensemble"]["test"]["auroc"] == pytest.approx(auroc, abs=1e-5)

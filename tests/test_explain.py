@@ -131,12 +131,15 @@ def test_rollouts_equal_the_full_matrix_products_of_their_papers():
     torch.testing.assert_close(rollout(attns, 0, "max", class_token=False), joint.mean(1))
 
 
+@pytest.mark.parametrize("stem", ["patch", "conv"])
 @pytest.mark.parametrize("method", METHODS)
-def test_maps_of_medvits_3d_vit(method):
+def test_maps_of_medvits_3d_vit(method, stem):
     from medvit.models.vit3d import create_vit3d
 
     torch.manual_seed(0)
-    net = create_vit3d(num_classes=2, img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)
+    net = create_vit3d(
+        num_classes=2, img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, stem=stem
+    )
     assert tuple(net.patch_embed.grid_size) == (4, 4, 4)
     maps = Explainer(net.eval(), method)(torch.randn(2, 1, 16, 16, 16)).maps
     assert maps.shape == (2, 16, 16, 16) and maps.min() >= 0 and maps.max() <= 1

@@ -98,6 +98,47 @@ def test_a_2d_input_to_a_3d_model_is_one_clear_error():
         model(torch.randn(2, 1, 28, 28))
 
 
+def test_conv_stem_reaches_the_patch_grid_and_keeps_samples_independent():
+    model = create_vit3d("test_vit", num_classes=2, img_size=28, stem="conv").eval()
+    embed = model.patch_embed
+    assert embed.grid_size == (7, 7, 7) and model.pos_embed.shape == (1, 1 + 343, 64)
+    convs = [m for m in embed.stem if isinstance(m, torch.nn.Conv3d)]
+    # patch 4: two stride-2 3x3x3 convolutions (28 -> 14 -> 7), widths 16 and 32, then 1x1x1.
+    assert [(c.stride, c.kernel_size, c.out_channels) for c in convs] == [
+        ((2, 2, 2), (3, 3, 3), 16),
+        ((2, 2, 2), (3, 3, 3), 32),
+    ]
+    assert embed.proj.weight.shape == (64, 32, 1, 1, 1)
+    x = torch.randn(3, 1, 28, 28, 28)
+    assert embed(x).shape == (3, 343, 64)
+    # GroupNorm, not BatchNorm: a volume's logits do not depend on the rest of its batch, which
+    # is what keeps DDP (a per-rank batch) equal to one process.
+    with torch.no_grad():
+        assert torch.allclose(model(x)[1:2], model(x[1:2]), atol=1e-5)
+    assert create_vit3d(
+        "test_vit", num_classes=2, img_size=64, stem="conv"
+    ).patch_embed.grid_size == (
+        8,
+        8,
+        8,
+    )
+    with pytest.raises(ValueError, match="power of 2"):
+        create_vit3d("test_vit", num_classes=2, img_size=28, patch_size=7, stem="conv")
+    with pytest.raises(ValueError, match="stem must be one of"):
+        create_vit3d("test_vit", num_classes=2, img_size=28, stem="hybrid")
+
+
+def test_conv_stem_is_refused_with_pretrained_weights_and_for_2d_networks(tmp_path):
+    from medvit.models.networks import create_network
+
+    with pytest.raises(ValueError, match="stem='conv' has no 2D counterpart"):
+        create_vit3d("test_vit", num_classes=2, img_size=28, stem="conv", pretrained=str(tmp_path))
+    with pytest.raises(ValueError, match="3D ViT option"):
+        create_network(
+            "test_vit", num_classes=2, in_chans=1, img_size=28, patch_size=4, stem="conv"
+        )
+
+
 def test_inflated_conv_on_a_depth_constant_volume_is_the_2d_conv():
     weight = torch.randn(16, 1, 4, 4)
     inflated = inflate_patch_weight(weight, 4, in_chans=1)
@@ -227,14 +268,21 @@ def test_fit_the_3d_recipe_on_real_adrenalmnist3d(real_data, tmp_path):
             f"--data.root={real_data}",
             f"--data.cache_dir={tmp_path / 'cache'}",
             f"--run.dir={run_dir}",
-            *short_trainer_args(2, train_batches=3, val_batches=2, verify_md5=True),
+            *short_trainer_args(
+                2, train_batches=3, val_batches=2, patch_size=None, verify_md5=True
+            ),
         ]
     )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 <= metrics["test"]["auroc"] <= 1 and metrics["test"]["loss"] > 0
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["spatial_dims"] == 3
-    assert ckpt["state_dict"]["net.patch_embed.proj.weight"].shape == (64, 1, 7, 7, 7)
+    # The recipe's conv stem: 28 -> 14 -> 7 by two stride-2 convolutions, then a 1x1x1 projection.
+    state = ckpt["state_dict"]
+    assert state["net.patch_embed.stem.0.weight"].shape == (16, 1, 3, 3, 3)
+    assert state["net.patch_embed.stem.3.weight"].shape == (32, 16, 3, 3, 3)
+    assert state["net.patch_embed.proj.weight"].shape == (64, 32, 1, 1, 1)
+    assert state["net.pos_embed"].shape == (1, 1 + 7**3, 64)
 
 
 @pytest.mark.slow
@@ -258,6 +306,9 @@ def test_the_recipe_runs_another_flag_at_64_with_only_the_data_changed(synthetic
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "auroc" in metrics["test"]
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
-    # patch_size null: the patch followed the cube, 8 at 64^3 (an 8x8x8 grid).
-    assert ckpt["state_dict"]["net.patch_embed.proj.weight"].shape == (64, 1, 8, 8, 8)
+    # patch_size null: the patch followed the cube, 8 at 64^3: three stride-2 convolutions of the
+    # conv stem (64 -> 32 -> 16 -> 8), an 8x8x8 grid.
+    state = ckpt["state_dict"]
+    assert state["net.patch_embed.stem.6.weight"].shape == (32, 16, 3, 3, 3)
+    assert state["net.pos_embed"].shape == (1, 1 + 8**3, 64)
     assert ckpt["hyper_parameters"]["num_classes"] == 11

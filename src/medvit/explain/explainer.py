@@ -72,8 +72,9 @@ class Explainer:
         self.class_token = getattr(self.net, "cls_token", None) is not None and (
             getattr(self.net, "global_pool", "token") == "token"
         )
+        # The embedding's own count (a conv stem feeds ``proj`` its features, not the input).
         proj = getattr(embed, "proj", None)
-        self.in_chans = getattr(proj, "in_channels", None)
+        self.in_chans = getattr(embed, "in_chans", None) or getattr(proj, "in_channels", None)
         img_size = getattr(embed, "img_size", None)
         dynamic = getattr(embed, "dynamic_img_size", False) or getattr(
             embed, "dynamic_img_pad", False

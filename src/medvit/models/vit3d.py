@@ -183,9 +183,8 @@ class PatchEmbed3D(nn.Module):
                 f"got a tensor of shape {tuple(x.shape)}"
                 + (": a 2D image needs a 2D model (spatial_dims 2)." if x.ndim == 4 else ".")
             )
-        x = (
-            self.proj(self.stem(x)).flatten(2).transpose(1, 2)
-        )  # (B, D'*H'*W', E), row-major over (z, y, x)
+        x = self.proj(self.stem(x))  # (B, E, D', H', W')
+        x = x.flatten(2).transpose(1, 2)  # (B, D'*H'*W', E), row-major over (z, y, x)
         return self.norm(x)
 
 
@@ -195,8 +194,7 @@ def _conv_stem(
     """Stride-2 3x3x3 conv + GroupNorm + GELU layers from ``in_chans`` to the patch grid.
 
     Widths double up to ``embed_dim / 2`` at the last layer (16, 32 for width 64 and patch 4);
-    returns the stem and its output width.
-    GroupNorm, not BatchNorm: the output of a sample does not depend on its batch, so DDP
+    returns the stem and its output width. GroupNorm, not BatchNorm: the output of a sample does not depend on its batch, so DDP
     and one process compute the same thing.
     """
     side = patch[0]
