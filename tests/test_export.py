@@ -386,3 +386,18 @@ def test_predict_on_onnx_reports_an_unreadable_file_in_its_row(exported, tmp_pat
     assert good["error"] == "" and good["prediction"] in ("malignant", "normal, benign")
     probs = float(good["prob_malignant"]) + float(good["prob_normal, benign"])
     assert probs == pytest.approx(1, abs=1e-5)
+
+
+def test_export_parity_of_a_3d_vit_with_the_conv_stem():
+    from medvit.models.vit3d import create_vit3d
+
+    torch.manual_seed(0)
+    net = _Wrapped(create_vit3d("test_vit", num_classes=2, img_size=16, stem="conv")).eval()
+    info = ModelInfo("binary", 2, ["no", "yes"], in_chans=1, img_size=16, spatial_dims=3)
+    proto = export_onnx(net, info)
+    check_model(proto)
+    shape = [d.dim_value or d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert shape[1:] == [1, 16, 16, 16] and isinstance(shape[0], str)  # (B, C, D, H, W)
+    result = parity(net, proto, info)
+    assert result["batches"] == [1, 8]
+    assert result["max_abs_logit_diff"] <= PARITY_ATOL
