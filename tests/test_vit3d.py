@@ -92,6 +92,21 @@ def test_create_vit3d_follows_the_cube_and_meets_the_token_contract():
         create_vit3d("test_vit", num_classes=2, img_size=28, patch_size=5)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(pos_embed="rope"), "pos_embed must be one of"),
+        (dict(num_classes=0), "num_classes must be >= 1"),
+        (dict(patch_size=0), "patch_size must be >= 1"),
+        (dict(drop_path_rate=1.0), r"drop_path_rate must lie in \[0, 1\)"),
+    ],
+)
+def test_the_3d_builder_checks_its_arguments_as_the_2d_one(kwargs, message):
+    args = dict(num_classes=2, img_size=28) | kwargs
+    with pytest.raises(ValueError, match=message):
+        create_vit3d("test_vit", **args)
+
+
 def test_a_2d_input_to_a_3d_model_is_one_clear_error():
     model = create_vit3d("test_vit", num_classes=2, img_size=28)
     with pytest.raises(ValueError, match=r"takes volumes \(B, 1, 28, 28, 28\).*2D model"):

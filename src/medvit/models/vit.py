@@ -142,7 +142,9 @@ def create_vit(
             refused (:class:`~medvit.models.checkpoint.CheckpointError`) before anything reads it.
         FileNotFoundError: If ``pretrained`` names a file that does not exist.
     """
-    _check_args(num_classes, in_chans, img_size, patch_size, pos_embed, drop_rate, drop_path_rate)
+    check_vit_args(
+        num_classes, in_chans, img_size, patch_size, pos_embed, drop_rate, drop_path_rate
+    )
     weights_file = resolve_weights_file(pretrained)
     if pos_embed == "sincos" and pretrained is not False and not replace_pretrained_pos_embed:
         raise ValueError(
@@ -194,7 +196,7 @@ def warn_if_unfused(model: torch.nn.Module) -> None:
         )
 
 
-def _check_args(
+def check_vit_args(
     num_classes: int,
     in_chans: int,
     img_size: int,

@@ -37,7 +37,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models import VisionTransformer, adapt_input_conv
 from torch import nn
 
-from medvit.models.vit import POS_EMBEDS, warn_if_unfused
+from medvit.models.vit import check_vit_args, warn_if_unfused
 from medvit.models.weights import (
     attach_load_summary,
     cfg_names,
@@ -267,18 +267,14 @@ def create_vit3d(
         ValueError: For a bad argument, a side the patch does not divide, or weights that do
             not fit (naming the first mismatching key).
     """
-    if pos_embed not in POS_EMBEDS:
-        raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}.")
-    if num_classes < 1 or in_chans < 1 or img_size < 1:
-        raise ValueError(
-            f"num_classes, in_chans and img_size must be >= 1, got {num_classes}, {in_chans}, "
-            f"{img_size}."
-        )
+    check_vit_args(
+        num_classes, in_chans, img_size, patch_size, pos_embed, drop_rate, drop_path_rate
+    )
     patch = default_patch_size_3d(img_size) if patch_size is None else int(patch_size)
-    if patch < 1 or img_size % patch:
+    if img_size % patch:
         raise ValueError(
             f"img_size {img_size} is not divisible by the 3D patch size {patch}: the patch grid "
-            f"would drop the last {img_size % patch if patch >= 1 else '?'} voxel(s) per axis. "
+            f"would drop the last {img_size % patch} voxel(s) per axis. "
             f"Pick a patch that divides {img_size} (or --model.patch_size null to follow it)."
         )
     if stem not in STEMS:
