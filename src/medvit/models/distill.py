@@ -118,22 +118,34 @@ def check_distill_args(teacher: Any, kind: str, alpha: float, temperature: float
         raise ValueError(f"teacher must be the path of a medvit checkpoint, got {teacher!r}.")
 
 
+#: What a teacher's training data must share with the student's, and how a mismatch is named.
+MATCHED = {
+    "num_classes": "classes",
+    "task": "task",
+    "in_chans": "input channels",
+    "img_size": "image size (px)",
+}
+
+
+def expected_of(source: Any) -> dict[str, Any]:
+    """What a teacher must match (:data:`MATCHED` and ``class_names``), read as attributes of
+    ``source``: the student's data module, or its module's hyper-parameters."""
+    expected = {key: getattr(source, key) for key in MATCHED}
+    names = getattr(source, "class_names", None)
+    expected["class_names"] = list(names) if names else None
+    return expected
+
+
 def teacher_problems(hp: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     """One line per way the teacher's training data (its hyper-parameters) differ from the data.
 
     Args:
         hp: the teacher checkpoint's ``hyper_parameters``.
-        expected: ``num_classes``, ``task``, ``in_chans``, ``img_size`` and optionally
-            ``class_names`` of the data the student trains on.
+        expected: :data:`MATCHED`'s keys and optionally ``class_names`` of the data the student
+            trains on (:func:`expected_of`).
     """
-    what = {
-        "num_classes": "classes",
-        "task": "task",
-        "in_chans": "input channels",
-        "img_size": "image size (px)",
-    }
     problems = []
-    for key, words in what.items():
+    for key, words in MATCHED.items():
         if hp.get(key) != expected.get(key):
             problems.append(
                 f"the teacher's {words} is {hp.get(key)!r} but the data's is {expected.get(key)!r}"
@@ -261,10 +273,8 @@ class Teacher:
             # "auto" meant the pretrained table for a fine-tuned teacher: keep its layout.
             init["pos_embed"] = "learn" if hp.get("pretrained") not in (False, None) else "sincos"
         module = ViTClassifier(**init)
-        state = ckpt["state_dict"]
-        for key in module.optional_state_keys:
-            state.setdefault(key, module.state_dict()[key])
-        missing, unexpected = module.load_state_dict(state, strict=False)
+        module.on_load_checkpoint(ckpt)  # fills what older checkpoints lack, as Lightning does
+        missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
         if missing or unexpected:
             raise CheckpointError(
                 f"teacher {str(path)!r} does not fit its own configuration (missing: "
@@ -278,9 +288,7 @@ class Teacher:
     def for_student(cls, hp: Any, data_hp: dict[str, Any] | None = None) -> Teacher:
         """The teacher named by a student's hyper-parameters, checked against its data (whose
         hyper-parameters ``data_hp`` give the normalisation)."""
-        expected = {k: hp[k] for k in ("num_classes", "task", "in_chans", "img_size")}
-        expected["class_names"] = hp["class_names"]
-        return cls.from_checkpoint(hp["teacher"], expected, normalisation(data_hp))
+        return cls.from_checkpoint(hp["teacher"], expected_of(hp), normalisation(data_hp))
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from medvit.data.selection import (  # describe_training_data: still importable 
 )
 from medvit.explain.gallery import ExplainedGallery
 from medvit.models.checkpoint import CheckpointError, is_local_file_path, load_checkpoint
-from medvit.models.distill import read_teacher_checkpoint
+from medvit.models.distill import expected_of, read_teacher_checkpoint
 from medvit.models.module import ViTClassifier
 from medvit.train.callbacks import RunRecorder
 from medvit.train.gallery import TestGallery
@@ -269,10 +269,7 @@ class MedViTCLI(LightningCLI):
         teacher = (config.get("model") or {}).get("teacher")
         if subcommand == "fit" and teacher:
             # A missing teacher or one of other data is refused before any data or model work.
-            data = self._data_for_check(config.data)
-            expected = {k: getattr(data, k) for k in ("num_classes", "task", "in_chans")}
-            expected.update(img_size=data.img_size, class_names=list(data.class_names))
-            read_teacher_checkpoint(teacher, expected)
+            read_teacher_checkpoint(teacher, expected_of(self._data_for_check(config.data)))
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and is_local_file_path(ckpt_path):
             # Refuse a missing, corrupt or code-carrying checkpoint in one line, before Lightning
